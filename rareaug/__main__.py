@@ -1,0 +1,3 @@
+from rareaug.cli import main
+
+main()

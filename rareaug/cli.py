@@ -1,0 +1,151 @@
+"""The `rareaug` command: thin typer commands that build the config and call one library function each."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__
+from .config import Config, build_config
+from .errors import USER_ERRORS
+
+app = typer.Typer(
+    name="rareaug",
+    help="Few real images of a rare class -> faithful, diverse synthetic images -> an honest ratio sweep.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+# Options shared by the stage commands, defined once. `None` means "not given": recipe or default applies.
+RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default runs/<rare>).")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Recipe name (chest_xray, magnetic_tile, mvtec, natural) or a YAML path.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for every random choice (default 0).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Folder of images, a dataset root, or a CSV file.")]
+LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="folder, mt, mvtec, nih-cxr14, csv (default: detected).")]
+RareOpt = Annotated[Optional[str], typer.Option("--rare", help="The rare class (case-insensitive), e.g. crack or Pneumothorax.")]
+NegativesOpt = Annotated[Optional[str], typer.Option("--negatives", help="normal (default): the normal class only; all-other: every non-rare image.")]
+MaxRareOpt = Annotated[Optional[int], typer.Option("--max-rare", help="Keep N rare images for train/val; the rest go to test.")]
+MaxPerClassOpt = Annotated[Optional[int], typer.Option("--max-per-class", help="Subsample every negative class to N images (seeded).")]
+TestDataOpt = Annotated[Optional[Path], typer.Option("--test-data", help="A separate labelled folder used as the test split.")]
+TestFractionOpt = Annotated[Optional[float], typer.Option("--test-fraction", help="Share of every class held out for test (default 0.2).")]
+ValFractionOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the rest for validation (default 0.2).")]
+FoldsOpt = Annotated[Optional[int], typer.Option("--folds", help="Cross-validation folds over the non-test images (default 1).")]
+OnBadFileOpt = Annotated[Optional[str], typer.Option("--on-bad-file", help="skip (default): list and skip unreadable files; fail: stop.")]
+
+
+def user_errors(command):
+    """Bad input ends in one line on stderr and exit 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as error:
+            error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            error_console.print("interrupted; finished outputs are kept, rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def make_config(config: str | None, **flags) -> tuple[Config, set[str]]:
+    """Recipe values < CLI flags. Flags are given as section__key=value; None means not given."""
+    overrides = {key.replace("__", "."): (str(value) if isinstance(value, Path) else value)
+                 for key, value in flags.items() if value is not None}
+    return build_config(config, overrides), set(overrides)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"rareaug {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """rareaug: per-image LoRAs (LoFT) for rare classes, ratio sweeps and reports."""
+
+
+@app.command()
+@user_errors
+def inspect(
+    data: DataOpt = None,
+    layout: LayoutOpt = None,
+    rare: RareOpt = None,
+    run: RunOpt = None,
+    negatives: NegativesOpt = None,
+    max_rare: MaxRareOpt = None,
+    max_per_class: MaxPerClassOpt = None,
+    test_data: TestDataOpt = None,
+    test_fraction: TestFractionOpt = None,
+    val_fraction: ValFractionOpt = None,
+    folds: FoldsOpt = None,
+    on_bad_file: OnBadFileOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Count classes per split, image sizes, modes, bit depths, patients and problems. With --run, freeze the split."""
+    from .inspect import inspect_data, render
+
+    cfg, given = make_config(
+        config, run=run, seed=seed, data__data=data, data__layout=layout, data__rare=rare, data__negatives=negatives,
+        data__max_rare=max_rare, data__max_per_class=max_per_class, data__test_data=test_data,
+        data__on_bad_file=on_bad_file, split__test_fraction=test_fraction, split__val_fraction=val_fraction,
+        split__folds=folds,
+    )
+    summary = inspect_data(cfg, given)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        render(summary, console)
+
+
+@app.command()
+@user_errors
+def demo(
+    run: RunOpt = None,
+) -> None:
+    """Run the most complete job available on the sample data shipped with the package."""
+    from .inspect import inspect_data, render
+    from .samples import sample_root
+
+    run = run or Path("runs/demo")
+    cfg, given = make_config(None, run=run, data__data=sample_root(), data__rare="gravel")
+    console.print(f"[bold]rareaug demo[/]: inspecting the shipped texture sample (rare class: gravel) into {run}")
+    render(inspect_data(cfg, given), console)
+    console.print("[dim]fit, generate, sweep-ratio and report join the demo as they are built.[/]")
+
+
+def _not_built(name: str, issue: str):
+    def command(ctx: typer.Context) -> None:
+        error_console.print(f"rareaug {name}: not built yet ({issue}).")
+        raise typer.Exit(2)
+
+    command.__doc__ = f"Not built yet ({issue})."
+    return command
+
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+app.command("fit", context_settings=_PASSTHROUGH)(_not_built("fit", "per-image LoRA training lands with the fit issue"))
+app.command("generate", context_settings=_PASSTHROUGH)(_not_built("generate", "fused sampling lands with the generate issue"))
+app.command("sweep-ratio", context_settings=_PASSTHROUGH)(_not_built("sweep-ratio", "the ratio sweep lands with its issue"))
+app.command("report", context_settings=_PASSTHROUGH)(_not_built("report", "the HTML report lands with its issue"))
+
+
+def main() -> None:
+    app()

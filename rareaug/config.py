@@ -1,0 +1,239 @@
+"""One typed config object for every stage. Recipes are YAML files of the same fields; CLI flags override.
+
+Resolution order: dataclass defaults < recipe YAML < CLI flags. Only `yaml.safe_load` is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RareaugError
+
+# Layout -> the recipe used when --config is not given.
+DEFAULT_RECIPE_FOR_LAYOUT = {"nih-cxr14": "chest_xray", "mt": "magnetic_tile", "mvtec": "mvtec"}
+CROP_RULES = ("mask-box", "center", "pad")
+PATH_FIELDS = {"data", "test_data"}  # hashed in written stage configs: split.csv is the only file with paths
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data: str | None = None
+    layout: str | None = None
+    rare: str | None = None
+    negatives: str = "normal"
+    max_rare: int | None = None
+    max_per_class: int | None = None
+    test_data: str | None = None
+    on_bad_file: str = "skip"
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    folds: int = 1
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Which geometric and photometric changes keep an image a valid example of its class."""
+
+    hflip: bool = True
+    vflip: bool = False
+    rotate_degrees: float = 10.0
+    brightness_contrast: float = 0.1
+    elastic: bool = False
+    noise: float = 0.0
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    name: str = "natural"
+    prompt: str = "a photo of a {class}"
+    resolution: int = 512
+    # mask-box: crop around the mask's box when there is one, else `fallback_crop`.
+    crop: str = "mask-box"
+    fallback_crop: str = "center"
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+
+@dataclasses.dataclass
+class Config:
+    run: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> Path:
+        """`--run`, or `runs/<rare>` by default (DESIGN.md)."""
+        if self.run:
+            return Path(self.run)
+        if not self.data.rare:
+            raise RareaugError("no run directory: pass --run RUN_DIR (or --rare NAME for the default runs/<rare>)")
+        return Path("runs") / self.data.rare.lower().replace(" ", "_")
+
+
+def list_recipes() -> list[str]:
+    folder = resources.files("rareaug.recipes")
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (shipped in `recipes/`) or by path to a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RareaugError(f"--config {name_or_path}: no such file; shipped recipes: {', '.join(list_recipes())}")
+        text, where = path.read_text(), str(path)
+    else:
+        entry = resources.files("rareaug.recipes") / f"{name_or_path}.yaml"
+        if not entry.is_file():
+            raise RareaugError(f"--config {name_or_path!r}: no such recipe; choose one of {', '.join(list_recipes())} "
+                               "or give a path to a YAML file")
+        text, where = entry.read_text(), f"recipe {name_or_path}"
+    try:
+        content = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise RareaugError(f"{where}: not valid YAML ({' '.join(str(error).split())[:160]})") from None
+    if not isinstance(content, dict):
+        raise RareaugError(f"{where}: a recipe is a mapping of sections (data, split, recipe, ...)")
+    return _with_source(content, where)
+
+
+def _with_source(content: dict, where: str) -> dict:
+    content = dict(content)
+    content["__source__"] = where
+    return content
+
+
+def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the recipe, then the CLI's dotted overrides (`{"data.rare": "crack"}`; None = unset)."""
+    values: dict[str, Any] = {}
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if recipe is None:
+        recipe = default_recipe(overrides.get("data.data"), overrides.get("data.layout"))
+    if recipe:
+        content = read_recipe(recipe)
+        where = content.pop("__source__")
+        values = _merge(values, content)
+    else:
+        where = "defaults"
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    config = _from_dict(Config, values, where, prefix="")
+    check_config(config)
+    return config
+
+
+def default_recipe(data: str | None, layout: str | None) -> str:
+    """The recipe that suits the data when none is named: chest X-rays, tiles, MVTec, or natural images."""
+    if layout is None and data:
+        from data_adapters import DataError, detect_layout
+
+        try:
+            layout = detect_layout(Path(data).expanduser())
+        except DataError:
+            layout = None
+    return DEFAULT_RECIPE_FOR_LAYOUT.get(layout or "", "natural")
+
+
+def check_config(config: Config) -> None:
+    """Check values before any work starts; each message names the option and the fix."""
+    split = config.split
+    if not 0.0 < split.test_fraction < 1.0:
+        raise RareaugError(f"--test-fraction must be between 0 and 1 (exclusive), got {split.test_fraction}")
+    if not 0.0 < split.val_fraction < 1.0:
+        raise RareaugError(f"--val-fraction must be between 0 and 1 (exclusive), got {split.val_fraction}")
+    if split.test_fraction + split.val_fraction >= 1.0:
+        raise RareaugError("--test-fraction plus --val-fraction must leave images for training (sum < 1)")
+    if split.folds < 1:
+        raise RareaugError(f"--folds must be at least 1, got {split.folds}")
+    for name in ("max_rare", "max_per_class"):
+        value = getattr(config.data, name)
+        if value is not None and value < 1:
+            raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    recipe = config.recipe
+    if recipe.resolution % 8 or recipe.resolution < 8:
+        raise RareaugError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {recipe.resolution}")
+    if recipe.crop not in CROP_RULES or recipe.fallback_crop not in ("center", "pad"):
+        raise RareaugError(f"recipe crop must be one of {CROP_RULES} (fallback center|pad), got {recipe.crop}/{recipe.fallback_crop}")
+    if "{class}" not in recipe.prompt:
+        raise RareaugError(f"recipe prompt {recipe.prompt!r} must contain {{class}}")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _from_dict(cls, values: dict, where: str, prefix: str):
+    """Build a dataclass from a dict, refusing unknown keys and wrong types with the dotted key's name."""
+    if not isinstance(values, dict):
+        raise RareaugError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RareaugError(f"{where}: unknown key {prefix}{unknown[0]}; known keys: {', '.join(prefix + f for f in fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, where, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    allowed = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise RareaugError(f"{where}: {key} cannot be empty")
+    kind = allowed[0]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+    raise RareaugError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def stage_record(config: Config) -> dict[str, Any]:
+    """The config as written to `stages/*.yaml`: paths hashed, since split.csv is the only file with paths."""
+    record = config.to_dict()
+    record.pop("run", None)
+    for name in PATH_FIELDS:
+        value = record["data"].get(name)
+        if value:
+            digest = hashlib.sha256(str(Path(value).expanduser().resolve()).encode()).hexdigest()[:16]
+            record["data"][name] = f"sha256:{digest}"
+    return record

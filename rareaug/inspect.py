@@ -1,0 +1,119 @@
+"""`rareaug inspect`: what is in the data, how it splits, and what is wrong with it — before any training."""
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from data_adapters import Dataset
+
+from .config import Config
+from .run_dir import FEW_RARE, RunDir, frozen_split, load_data, write_data_json
+from .split import SPLITS, SplitRow, find_leaks, make_split, split_counts
+
+
+def inspect_data(config: Config, given: set[str] = frozenset()) -> dict:
+    """Decode every image once, split (frozen in RUN_DIR when --run is given) and summarise."""
+    # 1. Read and decode the data.
+    dataset, test = load_data(config)
+    records = dataset.records + (test.records if test else [])
+
+    # 2. The split: frozen in the run directory when there is one, else computed in memory only.
+    split_file = None
+    if config.run:
+        rows, config, written = frozen_split(config, given, dataset, test)
+        split_file = "written" if written else "read"
+    else:
+        rows = make_split(dataset.records, test.records if test else [], config)
+
+    # 3. Summarise; leakage is judged on the perceptual hashes of this decode.
+    summary = summarise(dataset, records, rows, config)
+    summary["split_file"] = split_file
+    if config.run:
+        summary["run"] = str(config.run_dir())
+        write_data_json(RunDir(config.run_dir()), summary)
+    return summary
+
+
+def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -> dict:
+    id_of = {(row.root, row.path): row.id for row in rows}
+    hashes = {id_of.get((r.root.as_posix(), r.rel_path)): r.phash for r in records}
+    hashes.pop(None, None)
+    leaks = find_leaks(rows, hashes)
+    n_rare = sum(row.rare for row in rows) if dataset.rare else None
+    patients = {row.group for row in rows if row.group}
+    sizes = Counter((r.width, r.height) for r in records)
+    problems = [{"path": p.path, "reason": p.reason} for p in dataset.problems]
+
+    warnings = []
+    if n_rare is not None and n_rare < FEW_RARE:
+        warnings.append(f"only {n_rare} rare images: results will be noisy (20-50 recommended)")
+    for leak in leaks[:20]:
+        warnings.append(f"possible leakage: {leak['a']} ({leak['a_split']}) and {leak['b']} ({leak['b_split']}) "
+                        f"look alike (perceptual-hash distance {leak['distance']})")
+    if len(leaks) > 20:
+        warnings.append(f"... and {len(leaks) - 20} more near-duplicate pairs across splits")
+    return {
+        "layout": dataset.layout,
+        "recipe": config.recipe.name,
+        "classes": dataset.classes,
+        "rare": dataset.rare,
+        "n_rare": n_rare,
+        "n_images": len(rows),
+        "n_patients": len(patients) if dataset.patients_known else None,
+        "splits": split_counts(rows),
+        "folds": config.split.folds,
+        "sizes": {
+            "min": [min(w for w, _ in sizes), min(h for _, h in sizes)],
+            "max": [max(w for w, _ in sizes), max(h for _, h in sizes)],
+            "most_common": [list(sizes.most_common(1)[0][0]), sizes.most_common(1)[0][1]],
+        },
+        "modes": dict(Counter(r.mode for r in records).most_common()),
+        "bit_depths": {str(bits): n for bits, n in sorted(Counter(r.bit_depth for r in records).items())},
+        "problems": problems,
+        "warnings": warnings,
+        "leaks": leaks,
+    }
+
+
+def render(summary: dict, console: Console) -> None:
+    """The human view: one table of classes by split, then facts, problems and warnings."""
+    rare = summary["rare"]
+    title = f"{summary['layout']} layout · recipe {summary['recipe']}" + (f" · rare class: {rare}" if rare else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    for split in SPLITS:
+        table.add_column(split, justify="right")
+    table.add_column("total", justify="right")
+    classes = sorted({cls for counts in summary["splits"].values() for cls in counts}, key=lambda c: (c != rare, c))
+    for cls in classes:
+        counts = [summary["splits"][split].get(cls, 0) for split in SPLITS]
+        name = f"[bold magenta]{cls}[/] (rare)" if cls == rare else cls
+        table.add_row(name, *map(str, counts), str(sum(counts)))
+    console.print(table)
+
+    sizes = summary["sizes"]
+    patients = summary["n_patients"]
+    console.print(f"images: {summary['n_images']}   patients: {patients if patients is not None else 'unknown'}   "
+                  f"folds: {summary['folds']}")
+    console.print(f"sizes: {sizes['min'][0]}x{sizes['min'][1]} to {sizes['max'][0]}x{sizes['max'][1]}, "
+                  f"most often {sizes['most_common'][0][0]}x{sizes['most_common'][0][1]}")
+    console.print("modes: " + ", ".join(f"{mode} ({n})" for mode, n in summary["modes"].items())
+                  + "   bit depths: " + ", ".join(f"{bits} ({n})" for bits, n in summary["bit_depths"].items()))
+    if len(summary["classes"]) > len(classes):
+        unused = {c: n for c, n in summary["classes"].items() if c not in classes}
+        console.print("[dim]not used with these options: " + ", ".join(f"{c} ({n})" for c, n in unused.items()) + "[/]")
+    problems = summary["problems"]
+    if problems:
+        console.print(f"[yellow]{len(problems)} file(s) skipped:[/]")
+        for problem in problems[:20]:
+            console.print(f"  [yellow]{problem['path']}[/]: {problem['reason']}", markup=True, highlight=False)
+        if len(problems) > 20:
+            console.print(f"  ... and {len(problems) - 20} more (see --json)")
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if summary.get("split_file") == "written":
+        console.print(f"split frozen in {summary['run']}/split.csv")
+    elif summary.get("split_file") == "read":
+        console.print(f"split read from {summary['run']}/split.csv (frozen)")

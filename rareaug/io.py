@@ -1,0 +1,37 @@
+"""Atomic writes: a file is either its old self or its new self, never half of each (Ctrl-C, a full disk)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, content: Any) -> None:
+    atomic_write_text(path, json.dumps(content, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_yaml(path: Path, content: Any) -> None:
+    atomic_write_text(path, yaml.safe_dump(content, sort_keys=False))

@@ -1,0 +1,152 @@
+"""The run directory: how stages talk (DESIGN.md). This module owns its file names and the frozen split."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_adapters import Dataset, load_dataset
+
+from .config import Config, DataConfig, SplitConfig, stage_record
+from .errors import RareaugError
+from .io import atomic_write_json, atomic_write_yaml
+from .split import SplitRow, make_split, read_split, write_split
+
+MIN_RARE = 5
+FEW_RARE = 20
+# What the frozen split depends on. `seed` is absent on purpose: a later --seed never moves an image.
+SPLIT_KEYS = ("data.data", "data.layout", "data.rare", "data.negatives", "data.max_rare", "data.max_per_class",
+              "data.test_data", "split.test_fraction", "split.val_fraction", "split.folds")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def split_csv(self) -> Path:
+        return self.path / "split.csv"
+
+    @property
+    def data_json(self) -> Path:
+        return self.path / "data.json"
+
+    def stage_config(self, stage: str, variant: str | None = None) -> Path:
+        name = f"{stage}-{variant}" if variant else stage
+        return self.path / "stages" / f"{name}.yaml"
+
+    def write_stage_config(self, stage: str, variant: str | None, config: Config, force: bool = False) -> Path:
+        """Write the resolved config before work starts; refuse a different config for the same variant."""
+        path = self.stage_config(stage, variant)
+        record = stage_record(config)
+        if path.exists() and not force:
+            previous = yaml.safe_load(path.read_text()) or {}
+            if _without_seedless(previous) != _without_seedless(record):
+                changed = _first_difference(previous, record)
+                raise RareaugError(f"{path}: this run's {stage} used a different config ({changed}); "
+                                   "use a new --run, the same options, or --force")
+        atomic_write_yaml(path, record)
+        return path
+
+
+def _without_seedless(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "device"}
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"
+
+
+def _flat(config: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section in ("data", "split")
+            for key, value in dataclasses.asdict(getattr(config, section)).items()}
+
+
+def _hash_path(value: str | None) -> str | None:
+    if not value:
+        return None
+    return "sha256:" + hashlib.sha256(str(Path(value).expanduser().resolve()).encode()).hexdigest()[:16]
+
+
+def load_data(config: Config) -> tuple[Dataset, Dataset | None]:
+    """Decode the user's data (and --test-data) as the config says; refuse too few rare images."""
+    data = config.data
+    if not data.data:
+        raise RareaugError("no data: pass --data PATH (a folder of class folders, a layout root, or a CSV file)")
+    dataset = load_dataset(Path(data.data), data.layout, data.rare, data.negatives, data.max_per_class,
+                           config.seed, data.on_bad_file)
+    test = None
+    if data.test_data:
+        test = load_dataset(Path(data.test_data), None, data.rare, data.negatives, None, config.seed, data.on_bad_file)
+    if dataset.rare is not None:
+        n_rare = sum(record.is_rare for record in dataset.records)
+        if n_rare < MIN_RARE:
+            raise RareaugError(f"{dataset.root}: only {n_rare} usable image(s) of the rare class {dataset.rare!r}; "
+                               f"at least {MIN_RARE} are needed (20-50 recommended)")
+    return dataset, test
+
+
+def frozen_split(config: Config, given: set[str], dataset: Dataset | None = None,
+                 test: Dataset | None = None) -> tuple[list[SplitRow], Config, bool]:
+    """Read RUN_DIR/split.csv, or make and write it the first time. Returns rows, the config with the
+    split's own data/split settings, and whether the file was written now.
+
+    `given` names the dotted keys the user set on this command line: those must agree with the frozen
+    split; everything else is taken from it.
+    """
+    run = RunDir(config.run_dir())
+    if run.split_csv.exists():
+        frozen = run.stage_config("split")
+        stored = yaml.safe_load(frozen.read_text()) if frozen.exists() else None
+        if not stored:
+            raise RareaugError(f"{frozen}: missing; {run.split_csv} cannot be checked. Use a new --run")
+        config = _adopt_split_config(config, stored, given, run)
+        return read_split(run.split_csv), config, False
+    if dataset is None:
+        dataset, test = load_data(config)
+    rows = make_split(dataset.records, test.records if test else [], config)
+    run.path.mkdir(parents=True, exist_ok=True)
+    split_record = {"seed": config.seed, **{key: value for key, value in stage_record(config).items()
+                                            if key in ("data", "split")}}
+    atomic_write_yaml(run.stage_config("split"), split_record)
+    write_split(run.split_csv, rows)
+    return rows, config, True
+
+
+def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunDir) -> Config:
+    current = _flat(config)
+    stored_flat = {f"{section}.{key}": value for section in ("data", "split") for key, value in stored.get(section, {}).items()}
+    for key in SPLIT_KEYS:
+        if key not in given:
+            continue
+        mine = _hash_path(current[key]) if key in ("data.data", "data.test_data") else current[key]
+        theirs = stored_flat.get(key)
+        if isinstance(mine, str) and isinstance(theirs, str) and key != "data.data" and key != "data.test_data":
+            same = mine.lower() == theirs.lower()
+        else:
+            same = mine == theirs
+        if not same:
+            option = "--" + key.split(".")[1].replace("_", "-")
+            raise RareaugError(f"{run.split_csv} was made with {option} {theirs!r}, this command asks for {mine!r}; "
+                               "the split is frozen: use a new --run or the same option")
+    data_fields = {key: value for key, value in stored.get("data", {}).items() if key not in ("data", "test_data")}
+    data = dataclasses.replace(config.data, **{k: v for k, v in data_fields.items() if k != "on_bad_file"})
+    split = SplitConfig(**stored.get("split", {}))
+    return dataclasses.replace(config, data=DataConfig(**{**dataclasses.asdict(data)}), split=split)
+
+
+def write_data_json(run: RunDir, summary: dict) -> None:
+    """What inspect saw, with ids only: problems keep their reason, their path becomes a hash."""
+    content = {key: value for key, value in summary.items() if key not in ("problems", "run")}
+    content["problems"] = [
+        {"file": hashlib.sha256(problem["path"].encode()).hexdigest()[:12], "reason": problem["reason"]}
+        for problem in summary.get("problems", [])
+    ]
+    atomic_write_json(run.data_json, content)

@@ -1,0 +1,3 @@
+from rareaug.samples import build_texture_sample
+
+build_texture_sample()
