@@ -53,19 +53,21 @@ def load_dataset(
         first = found.problems[0]
         raise DataError(f"{found.root / first.path}: {first.reason} (stopping: --on-bad-file fail)")
     rare_name = match_class(found, rare) if rare else None
-    chosen = choose(found, rare_name, negatives)
+    chosen = {id(record) for record in choose(found, rare_name, negatives)}
+    # Every class is decoded (its count in `classes` is of usable images), each negative class capped.
     rng = np.random.default_rng(seed)
     problems = list(found.problems)
     usable = []
-    for cls, members in _group_by_class(chosen).items():
-        limit = max_per_class if (max_per_class and cls != rare_name) else None
+    for label, members in _group_by_label(found.records, rare_name).items():
+        limit = max_per_class if (max_per_class and label != rare_name) else None
         usable += probe_until(members, limit, rng, problems, on_bad_file)
     usable.sort(key=lambda record: record.rel_path)
     if rare_name is not None and not any(record.is_rare for record in usable):
         raise DataError(f"{found.root}: every image of the rare class {rare_name!r} failed to decode; see problems")
     classes = Counter(finding for record in usable for finding in record.findings)
-    patients_known = found.patients_known or any(record.patient for record in usable)
-    return Dataset(found.layout, found.root, usable, problems, dict(sorted(classes.items())), rare_name,
+    records = [record for record in usable if id(record) in chosen]
+    patients_known = found.patients_known or any(record.patient for record in records)
+    return Dataset(found.layout, found.root, records, problems, dict(sorted(classes.items())), rare_name,
                    patients_known)
 
 
@@ -100,10 +102,10 @@ def choose(found: Scan, rare: str | None, negatives: str) -> list[Record]:
     return chosen
 
 
-def _group_by_class(records: list[Record]) -> dict[str, list[Record]]:
+def _group_by_label(records: list[Record], rare: str | None) -> dict[str, list[Record]]:
     groups: dict[str, list[Record]] = {}
     for record in records:
-        groups.setdefault(record.cls, []).append(record)
+        groups.setdefault(rare if rare in record.findings else record.label, []).append(record)
     return groups
 
 

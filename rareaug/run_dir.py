@@ -111,6 +111,8 @@ def frozen_split(config: Config, given: set[str], dataset: Dataset | None = None
         return read_split(run.split_csv), config, False
     if dataset is None:
         dataset, test = load_data(config)
+    if dataset.rare:  # store the layout's spelling of the class, whatever case the user typed
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, rare=dataset.rare))
     rows = make_split(dataset.records, test.records if test else [], config)
     run.path.mkdir(parents=True, exist_ok=True)
     split_record = {"seed": config.seed, **{key: value for key, value in stage_record(config).items()

@@ -1,0 +1,143 @@
+"""The command line: listed commands, one-line errors, no patient data anywhere, recipes and overrides."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_image
+
+from rareaug import __version__
+from rareaug.config import build_config, list_recipes
+from rareaug.errors import RareaugError
+
+
+def one_line_error(invoke, *args) -> str:
+    code, out, err = invoke(*args)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_help_lists_every_command(invoke):
+    code, out, _ = invoke("--help")
+    assert code == 0
+    for command in ("inspect", "fit", "generate", "sweep-ratio", "report", "demo"):
+        assert command in out
+
+
+def test_version_and_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "rareaug", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command", ["fit", "generate", "sweep-ratio", "report"])
+def test_commands_not_built_yet_say_so(invoke, command):
+    err = one_line_error(invoke, command, "--run", "somewhere", "--data", "x")
+    assert "not built yet" in err
+
+
+def test_no_images_found(invoke, tmp_path):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    err = one_line_error(invoke, "inspect", "--data", tmp_path / "empty")
+    assert "no images" in err
+
+
+def test_missing_data_folder(invoke, tmp_path):
+    assert "does not exist" in one_line_error(invoke, "inspect", "--data", tmp_path / "nope")
+
+
+def test_rare_class_missing_lists_classes_and_closest(invoke, folder_data):
+    err = one_line_error(invoke, "inspect", "--data", folder_data, "--rare", "crak")
+    assert "crack, normal, scratch" in err and "closest match: 'crack'" in err
+
+
+def test_too_few_rare_images_is_an_error_and_few_is_a_warning(invoke, tmp_path):
+    root = tmp_path / "data"
+    for i in range(12):
+        write_image(root / "normal" / f"{i}.png")
+    for i in range(4):
+        write_image(root / "rare" / f"{i}.png")
+    assert "only 4 usable" in one_line_error(invoke, "inspect", "--data", root, "--rare", "rare")
+    write_image(root / "rare" / "4.png")
+    code, out, err = invoke("inspect", "--json", "--data", root, "--rare", "rare")
+    assert code == 0, err
+    assert any("only 5 rare images" in warning for warning in json.loads(out)["warnings"])
+
+
+def test_corrupt_and_empty_files_are_listed_then_skipped_or_fatal(invoke, folder_data):
+    (folder_data / "normal" / "empty.png").write_bytes(b"")
+    (folder_data / "crack" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    code, out, err = invoke("inspect", "--json", "--data", folder_data, "--rare", "crack")
+    assert code == 0, err
+    summary = json.loads(out)
+    problems = {p["path"]: p["reason"] for p in summary["problems"]}
+    assert set(problems) == {"normal/empty.png", "crack/broken.jpg"}
+    assert "empty" in problems["normal/empty.png"]
+    assert summary["classes"]["crack"] == 10 and summary["classes"]["normal"] == 20
+    err = one_line_error(invoke, "inspect", "--data", folder_data, "--rare", "crack", "--on-bad-file", "fail")
+    assert "broken.jpg" in err or "empty.png" in err
+
+
+def test_undecodable_dicom_names_the_package(invoke, folder_data):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(get_testdata_file("JPEG-LL.dcm"), folder_data / "crack" / "compressed.dcm")
+    err = one_line_error(invoke, "inspect", "--data", folder_data, "--rare", "crack", "--on-bad-file", "fail")
+    assert "compressed.dcm" in err and "JPEG Lossless" in err and "pylibjpeg" in err
+
+
+def test_no_patient_identifier_leaves_the_input(invoke, dicom_data, tmp_path):
+    run = tmp_path / "run"
+    code, table, err = invoke("inspect", "--data", dicom_data, "--rare", "pneumothorax", "--run", run)
+    assert code == 0, err
+    code, as_json, _ = invoke("inspect", "--json", "--data", dicom_data, "--rare", "pneumothorax", "--run", run)
+    outputs = [table, as_json, err] + [p.read_text() for p in run.rglob("*") if p.is_file()]
+    for text in outputs:
+        assert "PID-SECRET" not in text and "Doe^Jane" not in text and "Jane" not in text
+
+
+def test_recipes_ship_and_cli_flags_override_them():
+    assert set(list_recipes()) >= {"chest_xray", "magnetic_tile", "mvtec", "natural"}
+    chest = build_config("chest_xray")
+    assert chest.recipe.augment.hflip is False and "{class}" in chest.recipe.prompt
+    assert "chest x-ray" in chest.recipe.prompt
+    overridden = build_config("chest_xray", {"data.negatives": "all-other", "seed": 3})
+    assert overridden.data.negatives == "all-other" and overridden.seed == 3
+
+
+def test_recipe_from_path_and_bad_recipes(tmp_path):
+    good = tmp_path / "mine.yaml"
+    good.write_text("recipe:\n  prompt: 'an x-ray of {class}'\n  resolution: 256\n")
+    assert build_config(str(good)).recipe.resolution == 256
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("recipe:\n  resolutoin: 256\n")
+    with pytest.raises(RareaugError, match="unknown key recipe.resolutoin"):
+        build_config(str(bad_key))
+    bad_value = tmp_path / "bad2.yaml"
+    bad_value.write_text("recipe:\n  resolution: 100\n")
+    with pytest.raises(RareaugError, match="multiple of 8"):
+        build_config(str(bad_value))
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("recipe: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(RareaugError, match="not valid YAML"):
+        build_config(str(unsafe))
+    with pytest.raises(RareaugError, match="no such recipe"):
+        build_config("no_such_recipe")
+
+
+def test_default_recipe_follows_the_layout(mt_data, nih_data, folder_data):
+    assert build_config(None, {"data.data": str(mt_data)}).recipe.name == "magnetic_tile"
+    assert build_config(None, {"data.data": str(nih_data)}).recipe.name == "chest_xray"
+    assert build_config(None, {"data.data": str(folder_data)}).recipe.name == "natural"
+
+
+def test_demo_runs_on_the_shipped_sample(invoke, tmp_path):
+    code, out, err = invoke("demo", "--run", tmp_path / "demo")
+    assert code == 0, err
+    assert "gravel" in out and (tmp_path / "demo" / "split.csv").exists()
+    assert Path(tmp_path / "demo" / "data.json").exists()

@@ -1,0 +1,112 @@
+"""The split: deterministic, grouped, stratified, frozen once written, with leakage warnings."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+from data_adapters import load_dataset
+from rareaug.config import build_config
+from rareaug.split import make_split
+
+
+def _split(root, seed=0, **overrides):
+    config = build_config(None, {"data.data": str(root), "data.rare": "crack", "seed": seed,
+                                 **{k.replace("__", "."): v for k, v in overrides.items()}})
+    dataset = load_dataset(root, rare="crack", seed=seed)
+    return make_split(dataset.records, [], config)
+
+
+def test_split_is_deterministic_and_stratified(folder_data):
+    first, again = _split(folder_data), _split(folder_data)
+    assert [(r.id, r.path, r.split) for r in first] == [(r.id, r.path, r.split) for r in again]
+    other_seed = _split(folder_data, seed=1)
+    assert [r.split for r in first] != [r.split for r in other_seed]
+    counts = Counter((r.cls, r.split) for r in first)
+    # 20% of every class to test, 20% of the rest to val (rounded), at least one rare image in each.
+    assert counts["crack", "test"] == 2 and counts["crack", "val"] == 2 and counts["crack", "train"] == 6
+    assert counts["normal", "test"] == 4 and counts["normal", "val"] == 3
+    assert counts["scratch", "test"] + counts["scratch", "val"] >= 2
+
+
+def test_ids_are_opaque_and_follow_sorted_paths(folder_data):
+    rows = _split(folder_data)
+    rare = [r for r in rows if r.rare]
+    assert [r.id for r in rare] == [f"r{i:04d}" for i in range(1, 11)]
+    assert [r.path for r in rare] == sorted(r.path for r in rare)
+    assert all(r.id.startswith("n") for r in rows if not r.rare)
+
+
+def test_folds_cover_every_non_test_image(folder_data):
+    rows = _split(folder_data, split__folds=3)
+    folds = Counter(r.fold for r in rows if r.split != "test")
+    assert set(folds) == {0, 1, 2}
+    assert all(r.fold == -1 for r in rows if r.split == "test")
+    rare_folds = Counter(r.fold for r in rows if r.rare and r.split != "test")
+    assert max(rare_folds.values()) - min(rare_folds.values()) <= 1
+
+
+def test_min_rare_in_val_even_with_tiny_fraction(folder_data):
+    rows = _split(folder_data, split__val_fraction=0.01)
+    assert sum(r.rare and r.split == "val" for r in rows) == 1
+
+
+def test_frozen_split_survives_another_seed(invoke, folder_data, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = invoke("inspect", "--data", folder_data, "--rare", "crack", "--run", run, "--seed", "1")
+    assert code == 0, err
+    before = (run / "split.csv").read_bytes()
+    code, out, err = invoke("inspect", "--data", folder_data, "--rare", "crack", "--run", run, "--seed", "7")
+    assert code == 0, err
+    assert (run / "split.csv").read_bytes() == before
+    assert "frozen" in out
+
+
+def test_frozen_split_refuses_another_rare_class(invoke, folder_data, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("inspect", "--data", folder_data, "--rare", "crack", "--run", run)[0] == 0
+    code, _, err = invoke("inspect", "--data", folder_data, "--rare", "scratch", "--run", run)
+    assert code == 2
+    assert "--rare" in err and "new --run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_frozen_split_refuses_other_data(invoke, folder_data, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("inspect", "--data", folder_data, "--rare", "crack", "--run", run)[0] == 0
+    elsewhere = shutil.copytree(folder_data, tmp_path / "copy")
+    code, _, err = invoke("inspect", "--data", elsewhere, "--rare", "crack", "--run", run)
+    assert code == 2 and "--data" in err
+
+
+def test_test_data_folder_is_the_test_split_and_duplicates_are_flagged(invoke, folder_data, tmp_path):
+    test_root = tmp_path / "held_out"
+    shutil.copytree(folder_data / "crack", test_root / "crack")  # every test image duplicates a train/val one
+    shutil.copytree(folder_data / "normal", test_root / "normal")
+    code, out, err = invoke("inspect", "--json", "--data", folder_data, "--rare", "crack", "--test-data", test_root)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["splits"]["test"] == {"crack": 10, "normal": 20}
+    assert summary["splits"]["train"]["crack"] + summary["splits"]["val"]["crack"] == 10
+    assert len(summary["leaks"]) == 30
+    assert all(leak["distance"] == 0 and "test" in (leak["a_split"], leak["b_split"]) for leak in summary["leaks"])
+    assert any("possible leakage" in warning for warning in summary["warnings"])
+
+
+def test_split_csv_columns_and_data_json_hold_no_paths(invoke, folder_data, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("inspect", "--data", folder_data, "--rare", "crack", "--run", run)[0] == 0
+    with open(run / "split.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header == ["id", "root", "path", "mask", "class", "rare", "split", "fold", "group"]
+    for name in ("data.json", "stages/split.yaml"):
+        text = (run / name).read_text()
+        assert str(folder_data) not in text and "crack 1" not in text and ".png" not in text
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_bad_fractions_are_one_line_errors(invoke, folder_data, fraction):
+    code, _, err = invoke("inspect", "--data", folder_data, "--rare", "crack", "--test-fraction", fraction)
+    assert code == 2 and "--test-fraction" in err and len(err.strip().splitlines()) == 1
