@@ -67,6 +67,8 @@ def decode_picture(path: Path) -> Decoded:
             mode = image.mode
             image = ImageOps.exif_transpose(image)  # a phone photo is shown upright, so train on it upright
             pixels, bit_depth = _picture_to_array(image)
+    except Image.DecompressionBombError as error:
+        raise DecodeError(f"{path}: image too large to decode safely ({_one_line(error)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DecodeError(f"{path}: not a readable image ({_one_line(error)}); re-export or remove it") from None
     return Decoded(pixels=pixels, mode=mode, bit_depth=bit_depth, original_size=original_size)
@@ -139,23 +141,26 @@ def decode_dicom(path: Path, frame: int = 0) -> Decoded:
     height, width = raw.shape[:2]
     patient_id = str(ds.get("PatientID", "") or "").strip() or None
 
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        # Colour DICOM (secondary captures, photos): pydicom already returns RGB for YBR data.
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
 
-            raw = convert_color_space(raw, photometric, "RGB")
+        lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        rgb = apply_color_lut(raw, ds).astype(np.float32) / float(2**lut_bits - 1)
+        return Decoded(np.moveaxis(np.clip(rgb, 0, 1), -1, 0).astype(np.float32), photometric, lut_bits,
+                       (width, height), patient_id)
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        # Colour DICOM (secondary captures, photos): pydicom's pixel_array already converts YBR to RGB.
         scale = float(2**bits_stored - 1)
         pixels = np.moveaxis(np.clip(raw.astype(np.float32) / scale, 0, 1), -1, 0)
         return Decoded(pixels.astype(np.float32), photometric, bits_stored, (width, height), patient_id)
 
-    values = apply_modality_lut(raw, ds).astype(np.float64)
+    values = apply_modality_lut(raw, ds)  # integers stay integers: a VOI LUT is indexed by them
     if _has_voi(ds):
         windowed = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
         low, high = _voi_output_range(ds)
     else:
         # No window in the file: a robust stretch, so a few hot pixels do not darken the whole image.
-        windowed = values
+        windowed = values.astype(np.float64)
         low, high = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     pixels = np.clip((windowed - low) / max(high - low, 1e-12), 0.0, 1.0)
     if photometric == "MONOCHROME1":  # MONOCHROME1 shows its minimum as white: invert, last.
