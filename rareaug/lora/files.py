@@ -1,0 +1,53 @@
+"""LoRA files: diffusers/peft key format, so `pipe.load_lora_weights(path)` loads what `fit` writes."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save
+
+from ..io import atomic_write_bytes
+
+UNET_PREFIX = "unet."
+
+
+def to_diffusers_state(factors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """{"<layer>.A", "<layer>.B"} -> diffusers keys. The alpha/rank scale is folded into lora_B, since
+    diffusers reads a file without alphas as alpha = rank (scale 1): the loaded layer is then exact."""
+    state = {}
+    for key, value in factors.items():
+        layer, _, part = key.rpartition(".")
+        if part == "A":
+            state[f"{UNET_PREFIX}{layer}.lora_A.weight"] = value.contiguous()
+        else:
+            state[f"{UNET_PREFIX}{layer}.lora_B.weight"] = (value * scale).contiguous()
+    return state
+
+
+def from_diffusers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse, with the scale left folded into B (use scale 1 when routing such factors)."""
+    factors = {}
+    for key, value in state.items():
+        layer = key[len(UNET_PREFIX):].rsplit(".lora_", 1)[0]
+        factors[f"{layer}.{'A' if '.lora_A.' in key else 'B'}"] = value
+    return factors
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
+    """Atomic write; metadata values become strings (safetensors' header holds str -> str)."""
+    header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return load_file(str(path)), metadata
+
+
+def torch_bytes(content: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,220 @@
+"""Training LoRAs in the bank, exactly as each would train alone.
+
+LoFT: a job is a chunk of per-image adapters, one sample each per UNet pass; the loss is the sum of the
+samples' own mean squared errors, so adapter i's gradient is the one it would get alone; AdamW is
+elementwise, so stacked parameters keep per-adapter optimizer state; gradients are clipped per adapter.
+Every random draw (init, posterior sample, noise, timestep) comes from the adapter's own generator,
+seeded by (seed, image id), so its result does not depend on its neighbours or the chunk size.
+
+DataDream / ChimeraLoRA: a job is one class; several images per optimizer step, mean loss, one clip.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+
+from ..config import FitConfig
+from ..io import atomic_write_bytes
+from .bank import LoRABank
+from .files import torch_bytes
+
+
+def unit_generator(seed: int, key: str) -> torch.Generator:
+    """A CPU generator per (seed, key): the same draws on any device and in any batch."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Pre-computed once per run: VAE posterior parameters and the prompt embedding of each image."""
+
+    ids: list[str]
+    posteriors: torch.Tensor  # (N, 2*C, h, w): mean and log-variance, as the VAE returns them
+    embeds: torch.Tensor  # (N, tokens, dim)
+    scaling_factor: float
+
+
+@dataclasses.dataclass
+class Job:
+    """One optimisation run in one bank. LoFT: a chunk of image adapters; DataDream/Chimera: one class."""
+
+    method: str
+    key: str  # names the checkpoint file
+    units: list[str]  # what gets saved: image ids (LoFT) or the class name
+    images: list[int]  # rows of TrainData the job trains on
+
+
+def draw_training_sample(posterior: torch.Tensor, generator: torch.Generator, scheduler, scaling: float):
+    """One sample's noisy latent, target and timestep, in the same order of draws as the reference
+    (diffusers' train_text_to_image_lora: posterior sample, noise, timestep)."""
+    latent = DiagonalGaussianDistribution(posterior[None]).sample(generator) * scaling
+    noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype).to(latent.device)
+    timestep = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(latent.device)
+    noisy = scheduler.add_noise(latent, noise, timestep)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latent, noise, timestep)
+    else:
+        target = noise
+    return noisy, target, timestep
+
+
+def amp_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """bf16 autocast where the GPU has it, fp16 with loss scaling otherwise, fp32 on the CPU."""
+    if device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+class JobRunner:
+    """Runs jobs on one UNet + bank; checkpoints atomically and resumes to the same final weights."""
+
+    def __init__(self, unet, bank: LoRABank, scheduler, data: TrainData, fit: FitConfig, seed: int,
+                 device: torch.device, batch_size: int, checkpoint_dir: Path,
+                 on_step: Callable[[Job, int, int], None] | None = None):
+        self.unet, self.bank, self.scheduler, self.data = unet, bank, scheduler, data
+        self.fit, self.seed, self.device, self.batch_size = fit, seed, device, batch_size
+        self.checkpoint_dir, self.on_step = checkpoint_dir, on_step
+        self.amp_dtype, self.use_scaler = amp_settings(device)
+
+    # --- the job ----------------------------------------------------------------------------------
+
+    def run(self, job: Job) -> dict[str, list[float]]:
+        """Train the job to `fit.steps` optimizer steps; returns the loss history of each unit."""
+        generators = self._generators(job)
+        self._init_bank(job)
+        optimizer = self._optimizer(job)
+        lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=self.fit.warmup_steps,
+                                    num_training_steps=self.fit.steps)
+        scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
+        state = {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}
+        checkpoint = self.checkpoint_dir / f"{job.key}.pt"
+        if checkpoint.exists():
+            state = self._restore(checkpoint, job, optimizer, lr_schedule, scaler, generators)
+
+        while state["step"] < self.fit.steps:
+            self._step(job, generators, optimizer, scaler, state)
+            lr_schedule.step()
+            state["step"] += 1
+            if state["step"] % self.fit.checkpoint_every == 0 and state["step"] < self.fit.steps:
+                self._save(checkpoint, job, optimizer, lr_schedule, scaler, generators, state)
+            if self.on_step:
+                self.on_step(job, state["step"], len(job.units) if job.method == "loft" else 1)
+        return state["losses"]
+
+    def _loss_keys(self, job: Job) -> list[str]:
+        return job.units if job.method == "loft" else [self.data.ids[i] for i in job.images]
+
+    def _generators(self, job: Job) -> list[torch.Generator]:
+        return [unit_generator(self.seed, f"train:{unit}") for unit in job.units]
+
+    def _init_bank(self, job: Job) -> None:
+        bank = self.bank
+        bank.zero_b()
+        if job.method == "chimera":
+            bank.init_a(0, unit_generator(self.seed, f"init:{job.units[0]}"), kind="gaussian")
+            return
+        for slot, unit in enumerate(job.units):
+            bank.init_a(slot, unit_generator(self.seed, f"init:{unit}"), kind="kaiming")
+
+    def _optimizer(self, job: Job) -> torch.optim.Optimizer:
+        fit = self.fit
+        groups = [{"params": self.bank.b_parameters(), "lr": fit.lr}]
+        groups.append({"params": self.bank.a_parameters(), "lr": fit.lr_a if job.method == "chimera" else fit.lr})
+        return torch.optim.AdamW(groups, lr=fit.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=fit.weight_decay)
+
+    # --- one optimizer step -----------------------------------------------------------------------
+
+    def _samples(self, job: Job, generators, state) -> list[tuple[int, int, int, torch.Generator, str]]:
+        """(a slot, b slot, image row, generator, loss key) for every sample of this step."""
+        if job.method == "loft":
+            return [(slot, slot, row, generators[slot], unit) for slot, (unit, row) in enumerate(zip(job.units, job.images))]
+        generator, queue = generators[0], state["queue"]
+        while len(queue) < self.fit.samples_per_step:  # epochs of seeded permutations, as a DataLoader would
+            queue.extend(torch.randperm(len(job.images), generator=generator).tolist())
+        picks, state["queue"] = queue[:self.fit.samples_per_step], queue[self.fit.samples_per_step:]
+        head = (lambda position: position) if job.method == "chimera" else (lambda position: 0)
+        return [(0, head(p), job.images[p], generator, self.data.ids[job.images[p]]) for p in picks]
+
+    def _step(self, job: Job, generators, optimizer, scaler, state) -> None:
+        samples = self._samples(job, generators, state)
+        drawn = [draw_training_sample(self.data.posteriors[row], gen, self.scheduler, self.data.scaling_factor)
+                 for _, _, row, gen, _ in samples]
+        # LoFT sums per-sample losses (each adapter's own loss); the class methods average over the step.
+        weight = 1.0 if job.method == "loft" else 1.0 / len(samples)
+        for start in range(0, len(samples), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            per_sample = self._forward(samples[part], drawn[part])
+            loss = per_sample.sum() * weight
+            (scaler.scale(loss) if scaler else loss).backward()
+            for (_, _, _, _, key), value in zip(samples[part], per_sample.detach().cpu().tolist()):
+                state["losses"][key].append(value)
+        if scaler:
+            scaler.unscale_(optimizer)
+        self._clip(job)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _forward(self, samples, drawn) -> torch.Tensor:
+        noisy = torch.cat([d[0] for d in drawn]).to(self.device)
+        target = torch.cat([d[1] for d in drawn]).to(self.device)
+        timesteps = torch.cat([d[2] for d in drawn]).to(self.device)
+        embeds = self.data.embeds[[row for _, _, row, _, _ in samples]].to(self.device)
+        autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
+        with self.bank.route([s[0] for s in samples], [s[1] for s in samples]), autocast:
+            prediction = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def _clip(self, job: Job) -> None:
+        """torch's clip_grad_norm_ rule (coef = max / (norm + 1e-6), at most 1), per adapter for LoFT."""
+        params = [p for p in self.bank.parameters() if p.grad is not None]
+        max_norm = self.fit.max_grad_norm
+        if job.method != "loft":
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return
+        squares = sum(p.grad.float().pow(2).flatten(1).sum(dim=1) for p in params)  # (slots,)
+        coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.view(-1, *([1] * (p.grad.ndim - 1))).to(p.grad.dtype))
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def _save(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators, state) -> None:
+        content = {
+            "key": job.key, "units": job.units, "state": state,
+            "bank": {name: (layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu()) for name, layer in self.bank.layers.items()},
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "generators": [g.get_state() for g in generators],
+        }
+        atomic_write_bytes(path, torch_bytes(content))
+
+    def _restore(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators) -> dict:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+        if content["key"] != job.key or content["units"] != job.units:
+            return {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}
+        with torch.no_grad():
+            for name, (a, b) in content["bank"].items():
+                self.bank.layers[name].lora_A.copy_(a)
+                self.bank.layers[name].lora_B.copy_(b)
+        optimizer.load_state_dict(content["optimizer"])
+        lr_schedule.load_state_dict(content["lr_schedule"])
+        if scaler and content["scaler"]:
+            scaler.load_state_dict(content["scaler"])
+        for generator, saved in zip(generators, content["generators"]):
+            generator.set_state(saved)
+        return content["state"]

