@@ -67,6 +67,15 @@ def make_config(config: str | None, **flags) -> tuple[Config, set[str]]:
     return build_config(config, overrides), set(overrides)
 
 
+def _data_flags(data, layout, rare, negatives, max_rare, max_per_class, test_data, on_bad_file, test_fraction,
+                val_fraction, folds) -> dict:
+    """The data and split options every command that may create the split accepts."""
+    return dict(data__data=data, data__layout=layout, data__rare=rare, data__negatives=negatives,
+                data__max_rare=max_rare, data__max_per_class=max_per_class, data__test_data=test_data,
+                data__on_bad_file=on_bad_file, split__test_fraction=test_fraction, split__val_fraction=val_fraction,
+                split__folds=folds)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"rareaug {__version__}")
@@ -102,12 +111,9 @@ def inspect(
     """Count classes per split, image sizes, modes, bit depths, patients and problems. With --run, freeze the split."""
     from .inspect import inspect_data, render
 
-    cfg, given = make_config(
-        config, run=run, seed=seed, data__data=data, data__layout=layout, data__rare=rare, data__negatives=negatives,
-        data__max_rare=max_rare, data__max_per_class=max_per_class, data__test_data=test_data,
-        data__on_bad_file=on_bad_file, split__test_fraction=test_fraction, split__val_fraction=val_fraction,
-        split__folds=folds,
-    )
+    cfg, given = make_config(config, run=run, seed=seed, **_data_flags(
+        data, layout, rare, negatives, max_rare, max_per_class, test_data, on_bad_file, test_fraction, val_fraction,
+        folds))
     summary = inspect_data(cfg, given)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
@@ -131,7 +137,13 @@ def fit(
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (for 24 GB cards).")] = None,
     layout: LayoutOpt = None,
     negatives: NegativesOpt = None,
+    max_rare: MaxRareOpt = None,
+    max_per_class: MaxPerClassOpt = None,
+    test_data: TestDataOpt = None,
+    test_fraction: TestFractionOpt = None,
+    val_fraction: ValFractionOpt = None,
     folds: FoldsOpt = None,
+    on_bad_file: OnBadFileOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -141,8 +153,9 @@ def fit(
     from .fit import fit as run_fit
 
     cfg, given = make_config(
-        config, run=run, seed=seed, device=device, data__data=data, data__rare=rare, data__layout=layout,
-        data__negatives=negatives, split__folds=folds, recipe__resolution=resolution, fit__method=method,
+        config, run=run, seed=seed, device=device, **_data_flags(data, layout, rare, negatives, max_rare,
+        max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds), recipe__resolution=resolution,
+        fit__method=method,
         fit__base_model=base_model, fit__steps=steps, fit__rank=rank, fit__lr=lr, fit__batch_size=batch_size,
         fit__gradient_checkpointing=gradient_checkpointing,
     )
