@@ -19,7 +19,7 @@ from .images import model_input
 from .io import atomic_write_text
 from .lora.bank import LoRABank
 from .lora.files import read_safetensors, save_safetensors, to_diffusers_state
-from .lora.train import Job, JobRunner, TrainData
+from .lora.train import Job, JobRunner, TrainData, amp_settings
 from .run_dir import RunDir, frozen_split
 from .split import SplitRow
 
@@ -75,8 +75,9 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     # 3. The stage config, written before work starts; a different config for this method is refused.
     run = RunDir(config.run_dir())
     method = fit_config.method
-    run.write_stage_config("fit", method, config, force=force)
     out_dir = run.path / "loras" / method
+    if run.write_stage_config("fit", method, config, force=force):
+        clear_outputs(out_dir)  # --force with a new config: LoRAs of the old one must not mix in
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs_all = plan_jobs(method, train)
     done = finished_units(out_dir, fit_config.steps)
@@ -87,7 +88,8 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
         return FitResult(method, out_dir, [], skipped, None)
 
     # 4. Load the base model; encode images and prompts once (cached in the run dir).
-    base = load_base_model(fit_config.base_model, device=device)
+    amp_dtype = amp_settings(device)[0]
+    base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32)
     data = encode_training_set(base, train, config, run, device)
 
     # 5. Train every pending job in one bank, LoFT's adapters batch_size at a time.
@@ -114,6 +116,13 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     console.print(f"fit {method}: trained {len(trained)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
                   + (" [tiny test model: not a real model]" if base.is_tiny else ""))
     return FitResult(method, out_dir, trained, skipped, tracker.rate())
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Remove a method's LoRAs, index, losses and checkpoints (rareaug's own outputs, never user data)."""
+    for pattern in ("*.safetensors", "index.csv", "losses.csv", "checkpoints/*.pt"):
+        for path in out_dir.glob(pattern):
+            path.unlink()
 
 
 def plan_jobs(method: str, train: list[SplitRow]) -> list[Job]:

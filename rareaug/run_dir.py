@@ -38,21 +38,25 @@ class RunDir:
         name = f"{stage}-{variant}" if variant else stage
         return self.path / "stages" / f"{name}.yaml"
 
-    def write_stage_config(self, stage: str, variant: str | None, config: Config, force: bool = False) -> Path:
-        """Write the resolved config before work starts; refuse a different config for the same variant."""
+    def write_stage_config(self, stage: str, variant: str | None, config: Config, force: bool = False) -> bool:
+        """Write the resolved config before work starts; refuse a different config for the same variant
+        unless `force`. Returns True when an earlier, different config was replaced."""
         path = self.stage_config(stage, variant)
         record = stage_record(config)
-        if path.exists() and not force:
+        replaced = False
+        if path.exists():
             previous = yaml.safe_load(path.read_text()) or {}
-            if _without_seedless(previous) != _without_seedless(record):
-                changed = _first_difference(previous, record)
-                raise RareaugError(f"{path}: this run's {stage} used a different config ({changed}); "
-                                   "use a new --run, the same options, or --force")
+            if _without_device(previous) != _without_device(record):
+                if not force:
+                    changed = _first_difference(previous, record)
+                    raise RareaugError(f"{path}: this run's {stage} used a different config ({changed}); "
+                                       "use a new --run, the same options, or --force to start it over")
+                replaced = True
         atomic_write_yaml(path, record)
-        return path
+        return replaced
 
 
-def _without_seedless(record: dict) -> dict:
+def _without_device(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "device"}
 
 

@@ -77,6 +77,11 @@ def test_rerun_skips_finished_loras_and_refuses_another_config(invoke, folder_da
     assert {p.name: p.read_bytes() for p in (run / "loras" / "loft").glob("*.safetensors")} == before
     code, _, err = invoke(*fit_args(folder_data, run, "--lr", "0.5"))
     assert code == 2 and "fit.lr" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    code, out, err = invoke(*fit_args(folder_data, run, "--lr", "0.5", "--force", "--gradient-checkpointing"))
+    assert code == 0, err
+    assert "skipped 0" in out  # a new config starts the method over: no LoRA of the old one is kept
+    assert {p.name for p in (run / "loras" / "loft").glob("*.safetensors")} == set(before)
+    assert all(p.read_bytes() != before[p.name] for p in (run / "loras" / "loft").glob("*.safetensors"))
 
 
 def test_resume_after_interruption_gives_the_same_weights(invoke, folder_data, tmp_path, monkeypatch):

@@ -154,9 +154,11 @@ class JobRunner:
         weight = 1.0 if job.method == "loft" else 1.0 / len(samples)
         for start in range(0, len(samples), self.batch_size):
             part = slice(start, start + self.batch_size)
-            per_sample = self._forward(samples[part], drawn[part])
-            loss = per_sample.sum() * weight
-            (scaler.scale(loss) if scaler else loss).backward()
+            # Routing stays set through backward: gradient checkpointing re-runs the forward there.
+            with self.bank.route([s[0] for s in samples[part]], [s[1] for s in samples[part]]):
+                per_sample = self._forward(samples[part], drawn[part])
+                loss = per_sample.sum() * weight
+                (scaler.scale(loss) if scaler else loss).backward()
             for (_, _, _, _, key), value in zip(samples[part], per_sample.detach().cpu().tolist()):
                 state["losses"][key].append(value)
         if scaler:
@@ -175,7 +177,7 @@ class JobRunner:
         timesteps = torch.cat([d[2] for d in drawn]).to(self.device)
         embeds = self.data.embeds[[row for _, _, row, _, _ in samples]].to(self.device)
         autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
-        with self.bank.route([s[0] for s in samples], [s[1] for s in samples]), autocast:
+        with autocast:
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
