@@ -10,7 +10,7 @@ import yaml
 
 from data_adapters import Dataset, load_dataset
 
-from .config import Config, DataConfig, SplitConfig, stage_record
+from .config import Config, SplitConfig, stage_record
 from .errors import RareaugError
 from .io import atomic_write_json, atomic_write_yaml
 from .split import SplitRow, make_split, read_split, write_split
@@ -127,25 +127,25 @@ def frozen_split(config: Config, given: set[str], dataset: Dataset | None = None
 
 
 def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunDir) -> Config:
+    """Check the options given now against the frozen split's, then take the split's own values."""
     current = _flat(config)
-    stored_flat = {f"{section}.{key}": value for section in ("data", "split") for key, value in stored.get(section, {}).items()}
-    for key in SPLIT_KEYS:
-        if key not in given:
-            continue
-        mine = _hash_path(current[key]) if key in ("data.data", "data.test_data") else current[key]
-        theirs = stored_flat.get(key)
-        if isinstance(mine, str) and isinstance(theirs, str) and key != "data.data" and key != "data.test_data":
-            same = mine.lower() == theirs.lower()
-        else:
-            same = mine == theirs
-        if not same:
+    frozen = {f"{section}.{key}": value for section in ("data", "split") for key, value in stored.get(section, {}).items()}
+    for key in sorted(set(SPLIT_KEYS) & given):
+        mine, theirs = current[key], frozen.get(key)
+        if key in ("data.data", "data.test_data"):
+            mine = _hash_path(mine)  # the split stores only a hash of its paths
+        elif key == "data.rare" and isinstance(mine, str) and isinstance(theirs, str):
+            mine, theirs = mine.lower(), theirs.lower()  # --rare is case-insensitive
+        if mine != theirs:
             option = "--" + key.split(".")[1].replace("_", "-")
-            raise RareaugError(f"{run.split_csv} was made with {option} {theirs!r}, this command asks for {mine!r}; "
-                               "the split is frozen: use a new --run or the same option")
-    data_fields = {key: value for key, value in stored.get("data", {}).items() if key not in ("data", "test_data")}
-    data = dataclasses.replace(config.data, **{k: v for k, v in data_fields.items() if k != "on_bad_file"})
-    split = SplitConfig(**stored.get("split", {}))
-    return dataclasses.replace(config, data=DataConfig(**{**dataclasses.asdict(data)}), split=split)
+            if key in ("data.data", "data.test_data"):
+                raise RareaugError(f"{run.split_csv} was made from another {option} path; the split is frozen: "
+                                   "use a new --run or the same data")
+            raise RareaugError(f"{run.split_csv} was made with {option} {frozen.get(key)!r}, this command asks "
+                               f"for {current[key]!r}; the split is frozen: use a new --run or the same option")
+    kept = {key: value for key, value in stored.get("data", {}).items() if key not in ("data", "test_data", "on_bad_file")}
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **kept),
+                               split=SplitConfig(**stored.get("split", {})))
 
 
 def write_data_json(run: RunDir, summary: dict) -> None:
