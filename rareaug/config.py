@@ -84,6 +84,32 @@ class FitConfig:
     targets: str = "to_q,to_k,to_v,to_out.0"
 
 
+@dataclasses.dataclass
+class GenerateConfig:
+    """Sampling. `n` / `ratio` say how many kept images the pool must hold; they are not part of the variant."""
+
+    method: str = "loft"
+    n: int | None = None
+    ratio: float | None = None
+    lam: float = 0.5  # --lambda: LoFT's weight of the first LoRA; 1 = single-LoRA ablation
+    beta_alpha: float | None = None  # lambda ~ Beta(a, a) instead of fixed
+    k: int | None = None  # chimera: heads per image (default all)
+    dirichlet_alpha: float = 1.0
+    guidance: float = 2.0
+    steps: int = 50
+    scheduler: str = "default"
+    batch_size: int | None = None
+    fold: int | None = None
+    base_model: str | None = None  # classprompt only; LoRA methods use the base model they were fitted on
+    guard: bool = True
+    guard_threshold: float | None = None
+    guard_distance: str = "ssim"
+    max_attempts: int = 3
+
+
+GENERATE_METHODS = ("loft", "datadream", "chimera", "classprompt", "classic")
+
+
 # The reference recipes (ANCHORS.md); alpha defaults to the rank (scale 1), as in LoFT's rank 2 / alpha 2.
 # Chimera has no public code: its rank, steps and images per step are our choice.
 METHOD_DEFAULTS = {
@@ -102,6 +128,7 @@ class Config:
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,6 +243,23 @@ def check_config(config: Config) -> None:
         value = getattr(fit, name)
         if value is not None and value <= 0:
             raise RareaugError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+    gen = config.generate
+    if gen.method not in GENERATE_METHODS:
+        raise RareaugError(f"--method {gen.method!r} is unknown; choose one of {', '.join(GENERATE_METHODS)}")
+    if not 0.0 < gen.lam <= 1.0:
+        raise RareaugError(f"--lambda must be in (0, 1], got {gen.lam}")
+    for name in ("beta_alpha", "dirichlet_alpha", "guard_threshold"):
+        value = getattr(gen, name)
+        if value is not None and value <= 0:
+            raise RareaugError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("steps", "batch_size", "k", "max_attempts", "n"):
+        value = getattr(gen, name)
+        if value is not None and value < 1:
+            raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if gen.ratio is not None and gen.ratio < 0:
+        raise RareaugError(f"--ratio must be 0 or more, got {gen.ratio}")
 
 
 def resolved_fit(config: Config) -> FitConfig:

@@ -130,7 +130,7 @@ def plan_jobs(method: str, train: list[SplitRow]) -> list[Job]:
     if method == "loft":
         return [Job("loft", f"loft-{row.id}", [row.id], [i]) for i, row in enumerate(train)]
     cls = train[0].cls
-    return [Job(method, f"{method}-{_safe(cls)}", [cls], list(range(len(train))))]
+    return [Job(method, f"{method}-{safe_name(cls)}", [cls], list(range(len(train))))]
 
 
 def regroup_loft(jobs: list[Job], batch_size: int) -> list[Job]:
@@ -168,7 +168,7 @@ def finished_units(out_dir: Path, steps: int) -> set[str]:
     done = set()
     for row in rows:
         unit = row["image_id"] if row["method"] == "loft" else row["class"]
-        if int(row["steps_done"]) >= steps and (out_dir / f"{_safe(unit)}.safetensors").exists():
+        if int(row["steps_done"]) >= steps and (out_dir / f"{safe_name(unit)}.safetensors").exists():
             done.add(unit)
     return done
 
@@ -225,12 +225,12 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
     if job.method == "loft":
         for slot, unit in enumerate(job.units):
             state = to_diffusers_state(bank.get_slot(slot), scale)
-            save_safetensors(out_dir / f"{_safe(unit)}.safetensors", state,
+            save_safetensors(out_dir / f"{safe_name(unit)}.safetensors", state,
                              {**common, "image_id": unit, "class": cls_of[unit]})
             index_rows.append((unit, cls_of[unit], _final(losses[unit])))
     elif job.method == "datadream":
         cls = job.units[0]
-        save_safetensors(out_dir / f"{_safe(cls)}.safetensors", to_diffusers_state(bank.get_slot(0), scale),
+        save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", to_diffusers_state(bank.get_slot(0), scale),
                          {**common, "class": cls, "images": [train[i].id for i in job.images]})
         index_rows.append((cls, cls, _final([v for values in losses.values() for v in values])))
     else:  # chimera: the shared A and every B head in one file
@@ -240,7 +240,7 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
         for name, layer in bank.layers.items():
             tensors[f"{name}.A"] = layer.lora_A[0].detach().cpu()
             tensors[f"{name}.B"] = layer.lora_B.detach().cpu() * scale  # (heads, out, r), scale folded
-        save_safetensors(out_dir / f"{_safe(cls)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
+        save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
         index_rows += [(head, cls, _final(losses.get(head, []))) for head in heads]
     _append_index(out_dir / "index.csv", index_rows, job.method, fit_config.steps, fit_config.base_model)
     _append_losses(out_dir / "losses.csv", losses)
@@ -277,7 +277,7 @@ def _append_losses(path: Path, losses: dict[str, list[float]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 

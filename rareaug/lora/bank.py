@@ -61,6 +61,14 @@ class LoRABankLinear(nn.Module):
         return out + delta.reshape(out.shape)
 
 
+def _pad(a_idx, b_idx, weights):
+    width = max(len(row) for row in a_idx)
+    b_idx = a_idx if b_idx is None else b_idx
+    weights = [[1.0] * len(row) for row in a_idx] if weights is None else weights
+    fill = lambda rows, value: [list(row) + [value] * (width - len(row)) for row in rows]  # noqa: E731
+    return fill(a_idx, 0), fill(b_idx, 0), fill(weights, 0.0)
+
+
 class LoRABank:
     """Installs bank layers into a model's targeted Linears and routes, initialises, saves them."""
 
@@ -84,8 +92,13 @@ class LoRABank:
 
     @contextlib.contextmanager
     def route(self, a_idx, b_idx=None, weights=None) -> Iterator[None]:
-        """Route sample b through adapters a_idx[b, :] / b_idx[b, :] with weights[b, :] (default 1)."""
+        """Route sample b through adapters a_idx[b, :] / b_idx[b, :] with weights[b, :] (default 1).
+
+        Ragged lists (samples mixing different numbers of adapters) are padded with weight-0 entries.
+        """
         device = next(iter(self.layers.values())).lora_A.device
+        if isinstance(a_idx, (list, tuple)) and a_idx and isinstance(a_idx[0], (list, tuple)):
+            a_idx, b_idx, weights = _pad(a_idx, b_idx, weights)
         a_idx = torch.as_tensor(a_idx, dtype=torch.long, device=device)
         if a_idx.ndim == 1:
             a_idx = a_idx[:, None]

@@ -51,3 +51,32 @@ def torch_bytes(content: object) -> bytes:
     buffer = io.BytesIO()
     torch.save(content, buffer)
     return buffer.getvalue()
+
+
+def bank_from_lora_files(model, paths: list[Path], targets=None):
+    """A bank with one slot per diffusers LoRA file (LoFT, DataDream), scale folded in (alpha = rank)."""
+    from .bank import DEFAULT_TARGETS, LoRABank
+
+    factors = [from_diffusers_state(load_file(str(path))) for path in paths]
+    rank = next(v for k, v in factors[0].items() if k.endswith(".A")).shape[0]
+    bank = LoRABank(model, n_a=len(paths), rank=rank, alpha=float(rank), targets=targets or DEFAULT_TARGETS)
+    for slot, state in enumerate(factors):
+        bank.set_slot(state, slot)
+    return bank
+
+
+def bank_from_chimera_file(model, path: Path, targets=None):
+    """A bank with the class's shared A (slot 0) and every B head (slots in the file's head order)."""
+    import torch
+
+    from .bank import DEFAULT_TARGETS, LoRABank
+
+    tensors, metadata = read_safetensors(path)
+    heads = json.loads(metadata["heads"])
+    rank = next(v for k, v in tensors.items() if k.endswith(".A")).shape[0]
+    bank = LoRABank(model, n_a=1, n_b=len(heads), rank=rank, alpha=float(rank), targets=targets or DEFAULT_TARGETS)
+    with torch.no_grad():
+        for name, layer in bank.layers.items():
+            layer.lora_A[0] = tensors[f"{name}.A"]
+            layer.lora_B.copy_(tensors[f"{name}.B"])
+    return bank, heads

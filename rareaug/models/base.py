@@ -57,6 +57,7 @@ class BaseModel:
     name: str
     is_tiny: bool
     prediction_type: str
+    sampling_scheduler: str = "DDPMScheduler"  # the class the model ships for sampling (PNDM, DDIM, Euler...)
 
     def pipeline(self) -> StableDiffusionPipeline:
         """A sampling pipeline over these same modules (no copy), with its own scheduler state."""
@@ -150,6 +151,7 @@ def _frozen_base_model(components: dict, spec: str, is_tiny: bool, device, dtype
         name=spec,
         is_tiny=is_tiny,
         prediction_type=scheduler.config.prediction_type,
+        sampling_scheduler=type(components["scheduler"]).__name__,
     )
 
 

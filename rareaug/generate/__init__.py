@@ -1,0 +1,1 @@
+"""Fused-LoRA sampling in large batches, the comparison baselines, the manifest and the memorization guard."""

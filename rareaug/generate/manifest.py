@@ -1,0 +1,86 @@
+"""The synthetic pool on disk: marked PNGs and a provenance manifest (ids only, never paths or patients).
+
+Each worker appends to its own shard (`manifest.part-<worker>.csv`); `merge` folds the shards into
+`manifest.csv`, one row per pool slot, in pool order. A rerun reads all of them and continues.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .. import __version__
+from ..io import atomic_write_bytes, atomic_write_text
+
+COLUMNS = ("file", "pool_index", "class", "method", "loras", "weights", "seed", "attempt", "guidance", "steps",
+           "scheduler", "prompt", "base_model", "base_model_hash", "rareaug_version", "nearest_real_id",
+           "nearest_real_distance", "kept", "reject_reason")
+
+
+def image_file(pool_index: int) -> str:
+    return f"s{pool_index:06d}.png"
+
+
+def save_png(path: Path, image: torch.Tensor, grayscale: bool, variant: str, pool_index: int) -> None:
+    """8-bit PNG marked as synthetic in its text metadata; grayscale sources give grayscale images."""
+    array = image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array.mean(axis=2).round().astype(np.uint8), "L") if grayscale else Image.fromarray(array, "RGB")
+    info = PngInfo()
+    info.add_text("rareaug:synthetic", "true")
+    info.add_text("rareaug:version", __version__)
+    info.add_text("rareaug:variant", variant)
+    info.add_text("rareaug:pool_index", str(pool_index))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class Manifest:
+    def __init__(self, folder: Path, worker: int = 0):
+        self.folder = folder
+        self.path = folder / "manifest.csv"
+        self.shard = folder / f"manifest.part-{worker}.csv"
+
+    def rows(self) -> list[dict]:
+        """Every slot recorded so far (merged file and every shard), one row per slot, in pool order."""
+        by_slot: dict[int, dict] = {}
+        for path in [self.path, *sorted(self.folder.glob("manifest.part-*.csv"))]:
+            for row in _read(path):
+                by_slot.setdefault(int(row["pool_index"]), row)
+        return [by_slot[slot] for slot in sorted(by_slot)]
+
+    def add(self, rows: list[dict]) -> None:
+        existing = _read(self.shard)
+        _write(self.shard, existing + rows)
+
+    def merge(self) -> list[dict]:
+        rows = self.rows()
+        _write(self.path, rows)
+        for shard in self.folder.glob("manifest.part-*.csv"):
+            shard.unlink()
+        return rows
+
+
+def kept_rows(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if row["kept"] in ("1", 1, True, "True", "true")]
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: row.get(column, "") for column in COLUMNS})
+    atomic_write_text(path, buffer.getvalue())

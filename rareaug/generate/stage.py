@@ -1,0 +1,323 @@
+"""`rareaug generate`: fill a variant's ordered pool of synthetic images up to the asked count.
+
+The pool is ordered and nested: slot i always mixes the same LoRAs with the same weights and seed, so
+asking for more extends it and asking for fewer reuses its first kept images. Every slot is checked by the
+memorization guard; a rejected image is replaced by the slot's next attempt (a new seed), at most
+`max_attempts` times, after which the slot is recorded as rejected and the pool moves on.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .. import __version__
+from ..config import Config
+from ..errors import RareaugError
+from ..fit import finished_units, resolve_device, safe_name
+from ..images import model_input
+from ..io import atomic_write_json
+from ..lora.files import bank_from_chimera_file, bank_from_lora_files
+from ..run_dir import RunDir, frozen_split
+from ..split import SplitRow
+from . import plans
+from .classic import classic_copy
+from .guard import Guard
+from .manifest import Manifest, image_file, kept_rows, save_png
+from .sampler import BankSampler, SampleRequest
+
+LORA_METHODS = ("loft", "datadream", "chimera")
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    variant: str
+    folder: Path
+    kept: int
+    rejected_slots: int
+    rejected_attempts: int
+    made_now: int
+    images_per_s: float | None
+
+
+def variant_name(config: Config) -> str:
+    """Method + the parameters that change the images, e.g. loft-l0.5-g2, chimera-kall-d1-g2, classic."""
+    gen = config.generate
+    if gen.method == "classic":
+        parts = ["classic"]
+    else:
+        parts = [gen.method]
+        if gen.method == "loft":
+            parts.append(f"b{gen.beta_alpha:g}" if gen.beta_alpha is not None else f"l{gen.lam:g}")
+        elif gen.method == "chimera":
+            parts += [f"k{gen.k if gen.k else 'all'}", f"d{gen.dirichlet_alpha:g}"]
+        parts.append(f"g{gen.guidance:g}")
+        if gen.steps != 50:
+            parts.append(f"s{gen.steps}")
+        if gen.scheduler != "default":
+            parts.append(gen.scheduler.replace("+", "p").lower())
+    if gen.fold is not None:
+        parts.append(f"f{gen.fold}")
+    return "-".join(parts)
+
+
+def source_rows(rows: list[SplitRow], folds: int, fold: int | None) -> list[SplitRow]:
+    """Real rare images synthetic data may come from: `train`; with folds, the non-test rare images
+    outside fold F (fold F validates, so nothing of it may leak into its training data)."""
+    if fold is None:
+        if folds > 1:
+            raise RareaugError(f"this run's split has {folds} folds: pass --fold F (0..{folds - 1})")
+        return [row for row in rows if row.rare and row.split == "train"]
+    if not 0 <= fold < folds:
+        raise RareaugError(f"--fold {fold} is out of range: this run's split has {folds} fold(s)")
+    return [row for row in rows if row.rare and row.split != "test" and row.fold != fold]
+
+
+def target_count(config: Config, n_real: int) -> int:
+    gen = config.generate
+    if (gen.n is None) == (gen.ratio is None):
+        raise RareaugError("say how many images: exactly one of --n N or --ratio R")
+    return gen.n if gen.n is not None else int(round(gen.ratio * n_real))
+
+
+def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
+             console: Console | None = None) -> GenerateResult:
+    console = console or Console(stderr=True)
+    gen = config.generate
+    # 1. The split, the source images, the variant and its stage config.
+    rows, config, _ = frozen_split(config, given)
+    sources = source_rows(rows, config.split.folds, gen.fold)
+    if len(sources) < 2 and gen.method in ("loft", "chimera"):
+        raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")
+    target = target_count(config, len(sources))
+    run = RunDir(config.run_dir())
+    variant = variant_name(config)
+    fit_stage = _fit_stage(run, gen.method)
+    config = _with_fit_settings(config, fit_stage)
+    recorded = dataclasses.replace(config, generate=dataclasses.replace(gen, n=None, ratio=None, batch_size=None))
+    run.write_stage_config("generate", variant, recorded, force=force)
+    folder = run.path / "synthetic" / variant
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(folder)
+
+    # 2. What is there already: a pool that holds enough kept images is reused as it is.
+    done = manifest.rows()
+    kept = len(kept_rows(done))
+    if kept >= target:
+        manifest.merge()
+        console.print(f"generate {variant}: the pool already holds {kept} kept image(s) (asked {target}) in {folder}")
+        return GenerateResult(variant, folder, kept, _rejected(done), 0, 0, None)
+
+    # 3. The model, the bank with this variant's LoRAs, the fusion plan, the guard.
+    device = resolve_device(config.device)
+    maker = _ImageMaker(config, run, sources, variant, device, console)
+    guard = Guard(maker.reals, [row.id for row in sources], gen.guard_distance, gen.guard_threshold, device)
+
+    # 4. Fill the pool: slots in order, rejected attempts retried first.
+    done_slots = {int(row["pool_index"]) for row in done}
+    next_slot = 0
+    retry: collections.deque = collections.deque()
+    pending = 0  # slots scheduled whose outcome is not yet known
+    made = rejected_attempts = 0
+    batch_size = gen.batch_size or _default_batch_size(device, maker.resolution)
+    progress = Progress(TextColumn(f"generate {variant}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn(), console=console)
+    task = progress.add_task("generate", total=target, completed=kept, rate="-")
+    started = time.perf_counter()
+    with progress:
+        while kept < target or retry:
+            batch = []
+            while retry and len(batch) < batch_size:
+                batch.append(retry.popleft())
+            while len(batch) < batch_size and kept + pending < target:
+                while next_slot in done_slots:
+                    next_slot += 1
+                batch.append((next_slot, 0))
+                next_slot, pending = next_slot + 1, pending + 1
+            if not batch:
+                break
+            images = maker.render(batch)
+            nearest_ids, distances = guard.nearest(images)
+            new_rows = []
+            for (slot, attempt), image, near, distance in zip(batch, images, nearest_ids, distances):
+                copy_like = gen.guard and gen.method != "classic" and distance < guard.threshold
+                if copy_like and attempt + 1 < gen.max_attempts:
+                    retry.append((slot, attempt + 1))
+                    rejected_attempts += 1
+                    continue
+                pending -= 1
+                if copy_like:
+                    rejected_attempts += 1
+                    new_rows.append(maker.row(slot, attempt, near, distance, kept=False,
+                                              reason=f"memorization: within {guard.threshold:.4f} of a real image "
+                                                     f"in all {gen.max_attempts} attempts"))
+                    continue
+                save_png(folder / image_file(slot), image, maker.grayscale, variant, slot)
+                new_rows.append(maker.row(slot, attempt, near, distance, kept=True, reason=""))
+                kept += 1
+                made += 1
+            manifest.add(new_rows)
+            rate = made / (time.perf_counter() - started)
+            progress.update(task, completed=kept, rate=f"{rate:.2f}")
+    seconds = time.perf_counter() - started
+
+    # 5. Merge the shards and summarise.
+    rows_now = manifest.merge()
+    result = GenerateResult(variant, folder, len(kept_rows(rows_now)), _rejected(rows_now), rejected_attempts, made,
+                            made / seconds if seconds > 0 else None)
+    atomic_write_json(folder / "summary.json", {
+        "variant": variant, "method": gen.method, "kept": result.kept, "rejected_slots": result.rejected_slots,
+        "rejected_attempts_this_run": rejected_attempts, "guard": gen.guard, "guard_distance": gen.guard_distance,
+        "guard_threshold": guard.threshold, "real_images": len(sources), "base_model": maker.base_name,
+        "tiny_test_model": maker.is_tiny, "rareaug_version": __version__,
+    })
+    console.print(f"generate {variant}: made {made}, kept {result.kept} in the pool, {result.rejected_slots} slot(s) "
+                  f"rejected, {rejected_attempts} attempt(s) retried or rejected by the guard "
+                  f"(threshold {guard.threshold:.4f}) -> {folder}"
+                  + (" [tiny test model: not a real model]" if maker.is_tiny else ""))
+    return result
+
+
+def _rejected(rows: list[dict]) -> int:
+    return sum(1 for row in rows if row["kept"] not in ("1", "True", "true"))
+
+
+def _fit_stage(run: RunDir, method: str) -> dict | None:
+    """The fit config the LoRAs came from. Baselines borrow the run's first fit, if any, so that every
+    method of a run is sampled on the same base model at the same resolution."""
+    if method not in LORA_METHODS:
+        fitted = [run.stage_config("fit", m) for m in LORA_METHODS if run.stage_config("fit", m).exists()]
+        return yaml.safe_load(fitted[0].read_text()) if fitted and method == "classprompt" else None
+    path = run.stage_config("fit", method)
+    if not path.exists():
+        raise RareaugError(f"no {method} LoRAs in {run.path}: run `rareaug fit --run {run.path} --method {method}` first")
+    return yaml.safe_load(path.read_text())
+
+
+def _with_fit_settings(config: Config, fit_stage: dict | None) -> Config:
+    """LoRA methods sample at the resolution and on the base model they were fitted with."""
+    if fit_stage is None:
+        return config
+    gen = config.generate
+    base = fit_stage["fit"]["base_model"]
+    if gen.method == "classprompt" and gen.base_model:
+        return config  # an explicit model for the prompt-only baseline
+    if gen.base_model and gen.base_model != base:
+        raise RareaugError(f"--base-model {gen.base_model}: the {gen.method} LoRAs were fitted on {base}; "
+                           "sample on the model they were trained on")
+    recipe = dataclasses.replace(config.recipe, resolution=fit_stage["recipe"]["resolution"])
+    return dataclasses.replace(config, recipe=recipe, generate=dataclasses.replace(gen, base_model=base))
+
+
+def _default_batch_size(device: torch.device, resolution: int) -> int:
+    if device.type != "cuda":
+        return 4
+    return max(1, int(48 * (512 / resolution) ** 2))
+
+
+class _ImageMaker:
+    """Turns (slot, attempt) pairs into images for one variant, and describes them for the manifest."""
+
+    def __init__(self, config: Config, run: RunDir, sources: list[SplitRow], variant: str, device, console):
+        gen, recipe = config.generate, config.recipe
+        self.config, self.variant, self.device = config, variant, device
+        self.resolution = recipe.resolution
+        self.cls = sources[0].cls
+        self.prompt = recipe.prompt.replace("{class}", self.cls)
+        self.source_ids = [row.id for row in sources]
+        self.reals = torch.stack([model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop,
+                                              row.abs_mask) for row in sources]) / 2 + 0.5
+        self.grayscale = all(_is_gray(row) for row in sources)
+        self.seed = config.seed
+        self.base_name, self.base_hash, self.is_tiny = "none", "", False
+        self.slot_of: dict[str, int] = {}
+        if gen.method == "classic":
+            self.plan = plans.SingleAdapter(self.source_ids, config.seed, shuffle=True)
+            self.sampler = None
+            return
+        from ..models import load_base_model
+
+        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
+            torch.float16 if device.type == "cuda" else torch.float32)
+        base_spec = gen.base_model or config.fit.base_model
+        base = load_base_model(base_spec, device=device, dtype=amp)
+        self.base_name, self.is_tiny = base_spec, base.is_tiny
+        self.base_hash = base.weights_hash  # before LoRA layers are installed
+        bank = self._bank(base, run, gen.method)
+        self.sampler = BankSampler(base, bank, self.prompt, gen.guidance, gen.steps, gen.scheduler, device,
+                                   recipe.resolution)
+
+    def _bank(self, base, run: RunDir, method: str):
+        folder = run.path / "loras" / method
+        gen = self.config.generate
+        if method == "classprompt":
+            self.plan = plans.NoAdapter()
+            return None
+        if method == "chimera":
+            bank, heads = bank_from_chimera_file(base.unet, folder / f"{safe_name(self.cls)}.safetensors")
+            allowed = [head for head in heads if head in self.source_ids]
+            self.slot_of = {head: slot for slot, head in enumerate(heads)}
+            self.plan = plans.ChimeraMix(allowed, self.seed, gen.k, gen.dirichlet_alpha)
+            return bank
+        done = finished_units(folder, int(_fit_steps(run, method)))
+        ids = self.source_ids if method == "loft" else [self.cls]
+        missing = [unit for unit in ids if unit not in done]
+        if missing:
+            raise RareaugError(f"{len(missing)} of {len(ids)} {method} LoRA(s) missing in {folder} (e.g. {missing[0]}); "
+                               f"run `rareaug fit --run {run.path} --method {method}` first")
+        self.slot_of = {unit: slot for slot, unit in enumerate(ids)}
+        self.plan = (plans.LoftPairs(ids, self.seed, gen.lam, gen.beta_alpha) if method == "loft"
+                     else plans.SingleAdapter(ids, self.seed))
+        return bank_from_lora_files(base.unet, [folder / f"{safe_name(unit)}.safetensors" for unit in ids])
+
+    def render(self, batch: list[tuple[int, int]]) -> torch.Tensor:
+        """Images (n, 3, H, W) in [0, 1] for (slot, attempt) pairs; each alone would come out the same."""
+        gen = self.config.generate
+        if gen.method == "classic":
+            reals = {row_id: image for row_id, image in zip(self.source_ids, self.reals)}
+            return torch.stack([classic_copy(reals[self.plan(slot).loras[0]], self.config.recipe.augment,
+                                             plans.image_seed(self.seed, slot, attempt) % 2**32)
+                                for slot, attempt in batch])
+        requests = []
+        for slot, attempt in batch:
+            mix = self.plan(slot)
+            if gen.method == "chimera":
+                a_slots, b_slots = [0] * len(mix.loras), [self.slot_of[head] for head in mix.loras]
+            else:
+                a_slots = b_slots = [self.slot_of[unit] for unit in mix.loras]
+            requests.append(SampleRequest(a_slots, b_slots, list(mix.weights), plans.image_seed(self.seed, slot, attempt)))
+        return self.sampler.sample(requests)
+
+    def row(self, slot: int, attempt: int, nearest: str, distance: float, kept: bool, reason: str) -> dict:
+        gen = self.config.generate
+        mix = self.plan(slot)
+        sampling = gen.method != "classic"
+        return {
+            "file": image_file(slot) if kept else "", "pool_index": slot, "class": self.cls, "method": gen.method,
+            "loras": ";".join(mix.loras), "weights": ";".join(f"{w:.6g}" for w in mix.weights),
+            "seed": plans.image_seed(self.seed, slot, attempt), "attempt": attempt,
+            "guidance": gen.guidance if sampling else "", "steps": gen.steps if sampling else "",
+            "scheduler": gen.scheduler if sampling else "", "prompt": self.prompt if sampling else "",
+            "base_model": self.base_name, "base_model_hash": self.base_hash, "rareaug_version": __version__,
+            "nearest_real_id": nearest, "nearest_real_distance": f"{distance:.6g}", "kept": int(kept),
+            "reject_reason": reason,
+        }
+
+
+def _fit_steps(run: RunDir, method: str) -> int:
+    return yaml.safe_load(run.stage_config("fit", method).read_text())["fit"]["steps"]
+
+
+def _is_gray(row: SplitRow) -> bool:
+    from data_adapters import decode
+
+    return decode(row.abs_path).pixels.shape[0] == 1
+
+
+

@@ -1,0 +1,1 @@
+"""The LoRA bank, its training and its files."""
