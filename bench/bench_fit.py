@@ -29,33 +29,16 @@ from rareaug.config import FitConfig  # noqa: E402
 from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank  # noqa: E402
 from rareaug.lora.train import Job, JobRunner, TrainData, amp_settings  # noqa: E402
 
-# stabilityai/stable-diffusion-2-1-base unet/config.json (866 M parameters).
-SD21_UNET = dict(act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
-                 cross_attention_dim=1024, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, in_channels=4, out_channels=4,
-                 layers_per_block=2, norm_num_groups=32, sample_size=64, use_linear_projection=True,
-                 flip_sin_to_cos=True, freq_shift=0)
-
+import sd21  # noqa: E402  (bench/ is on the path when run as a script)
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
 def build_unet(model: str, device, dtype):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    if model == "sd21":
-        with torch.device(device):
-            unet = UNet2DConditionModel(**SD21_UNET)
-        latent, context = 64, 1024
-    else:
-        from rareaug.models import build_tiny_components
-
-        unet = build_tiny_components(0)["unet"].to(device)
-        latent, context = 8, 32
-    unet.to(dtype=dtype).requires_grad_(False).eval()
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return unet, scheduler, latent, context
+    base = sd21.build(model, device, dtype, with_vae_and_text=False)
+    latent, context = (64, 1024) if model == "sd21" else (8, 32)
+    return base.unet, base.scheduler, latent, context
 
 
 def sync(device) -> None:
