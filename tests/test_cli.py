@@ -141,6 +141,9 @@ def test_demo_runs_on_the_shipped_sample(invoke, tmp_path):
     assert code == 0, err
     assert "gravel" in out and (tmp_path / "demo" / "split.csv").exists()
     assert Path(tmp_path / "demo" / "data.json").exists()
+    assert len(list((tmp_path / "demo" / "loras" / "loft").glob("*.safetensors"))) == 8
+    pool = next((tmp_path / "demo" / "synthetic").iterdir())
+    assert len(list(pool.glob("*.png"))) == 16 and (pool / "manifest.csv").exists()
 
 
 def test_every_package_is_listed_for_installation():
