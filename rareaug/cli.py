@@ -135,6 +135,7 @@ def fit(
     resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training resolution in pixels, a multiple of 8.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per UNet pass (loft: LoRAs trained together); default sized to the GPU.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (for 24 GB cards).")] = None,
+    text_encoder_lora: Annotated[Optional[bool], typer.Option("--text-encoder-lora/--no-text-encoder-lora", help="datadream: also a LoRA on the text encoder's attention.")] = None,
     layout: LayoutOpt = None,
     negatives: NegativesOpt = None,
     max_rare: MaxRareOpt = None,
@@ -157,7 +158,7 @@ def fit(
         max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds), recipe__resolution=resolution,
         fit__method=method,
         fit__base_model=base_model, fit__steps=steps, fit__rank=rank, fit__lr=lr, fit__batch_size=batch_size,
-        fit__gradient_checkpointing=gradient_checkpointing,
+        fit__gradient_checkpointing=gradient_checkpointing, fit__text_encoder_lora=text_encoder_lora,
     )
     run_fit(cfg, given, force=force, console=console)
 

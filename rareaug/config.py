@@ -82,6 +82,7 @@ class FitConfig:
     checkpoint_every: int = 100
     gradient_checkpointing: bool = False
     targets: str = "to_q,to_k,to_v,to_out.0"
+    text_encoder_lora: bool = False  # datadream only: also a LoRA on the text encoder's attention
 
 
 @dataclasses.dataclass
@@ -239,6 +240,8 @@ def check_config(config: Config) -> None:
         value = getattr(fit, name)
         if value is not None and value < 1:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if fit.text_encoder_lora and fit.method != "datadream":
+        raise RareaugError("--text-encoder-lora goes with --method datadream only (LoFT and Chimera train none)")
     for name in ("lr", "lr_a", "alpha"):
         value = getattr(fit, name)
         if value is not None and value <= 0:

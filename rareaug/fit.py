@@ -18,7 +18,7 @@ from .errors import RareaugError
 from .images import model_input
 from .io import atomic_write_text
 from .lora.bank import LoRABank
-from .lora.files import read_safetensors, save_safetensors, to_diffusers_state
+from .lora.files import TEXT_PREFIX, TEXT_TARGETS, read_safetensors, save_safetensors, to_diffusers_state
 from .lora.train import Job, JobRunner, TrainData, amp_settings
 from .run_dir import RunDir, frozen_split
 from .split import SplitRow
@@ -48,6 +48,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def same_model_as_other_fits(config: Config, given: set[str]) -> Config:
+    """Methods side by side in one run are compared on one base model and resolution: a method fitted
+    without --base-model / --resolution takes those of the run's earlier fits."""
+    import yaml
+
+    if not config.run:
+        return config
+    run = RunDir(config.run_dir())
+    earlier = sorted(run.path.glob("stages/fit-*.yaml"))
+    if not earlier:
+        return config
+    stored = yaml.safe_load(earlier[0].read_text())
+    fit, recipe = config.fit, config.recipe
+    if "fit.base_model" not in given:
+        fit = dataclasses.replace(fit, base_model=stored["fit"]["base_model"])
+    if "recipe.resolution" not in given:
+        recipe = dataclasses.replace(recipe, resolution=stored["recipe"]["resolution"])
+    return dataclasses.replace(config, fit=fit, recipe=recipe)
+
+
 def training_rows(rows: list[SplitRow], folds: int) -> list[SplitRow]:
     """The rare `train` images; with folds, every non-test rare image (each fold fuses only its own)."""
     if folds > 1:
@@ -60,6 +80,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
 
     console = console or Console(stderr=True)
     # 1. Check inputs before any model is loaded.
+    config = same_model_as_other_fits(config, given)
     fit_config = resolved_fit(config)
     check_base_model_spec(fit_config.base_model)
     device = resolve_device(config.device)
@@ -98,19 +119,25 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     n_b = len(train) if method == "chimera" else (batch_size if method == "loft" else 1)
     bank = LoRABank(base.unet, n_a=batch_size if method == "loft" else 1, n_b=n_b, rank=fit_config.rank,
                     alpha=fit_config.alpha, targets=tuple(fit_config.targets.split(",")))
+    text_bank = None
+    if fit_config.text_encoder_lora:
+        base.text_encoder.to(device)
+        text_bank = LoRABank(base.text_encoder, n_a=1, rank=fit_config.rank, alpha=fit_config.alpha,
+                             targets=TEXT_TARGETS)
     if fit_config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     base.unet.requires_grad_(False)
-    for parameter in bank.parameters():
+    for parameter in bank.parameters() + (text_bank.parameters() if text_bank else []):
         parameter.requires_grad_(True)
     tracker = _Progress(console, jobs, fit_config.steps, method)
     runner = JobRunner(base.unet, bank, base.scheduler, data, fit_config, config.seed, device, batch_size,
-                       checkpoint_dir=out_dir / "checkpoints", on_step=tracker.advance)
+                       checkpoint_dir=out_dir / "checkpoints", on_step=tracker.advance,
+                       text_encoder=base.text_encoder, text_bank=text_bank)
     trained = []
     with tracker:
         for job in jobs:
             losses = runner.run(job)
-            save_job(job, bank, losses, train, fit_config, base, out_dir)
+            save_job(job, bank, losses, train, fit_config, base, out_dir, text_bank)
             (out_dir / "checkpoints" / f"{job.key}.pt").unlink(missing_ok=True)
             trained += job.units
     console.print(f"fit {method}: trained {len(trained)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
@@ -185,7 +212,7 @@ def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir
         tensors, metadata = read_safetensors(cache)
         if metadata.get("ids") == ",".join(ids):
             return TrainData(ids, tensors["posteriors"].to(device), tensors["embeds"].to(device),
-                             float(metadata["scaling_factor"]))
+                             float(metadata["scaling_factor"]), tensors["token_ids"])
     base.vae.to(device)
     base.text_encoder.to(device)
     posteriors = []
@@ -194,27 +221,28 @@ def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir
             pixels = model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop, row.abs_mask)
             posteriors.append(base.vae.encode(pixels[None].to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
         prompts = {row.cls: recipe.prompt.replace("{class}", row.cls) for row in train}
-        embedded = {cls: _embed(base, prompt, device) for cls, prompt in prompts.items()}
+        tokens = {cls: _tokens(base, prompt) for cls, prompt in prompts.items()}
+        embedded = {cls: base.text_encoder(ids.to(device))[0].float().cpu() for cls, ids in tokens.items()}
     base.vae.to("cpu")
     base.text_encoder.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     posterior_tensor = torch.cat(posteriors)
     embeds = torch.cat([embedded[row.cls] for row in train])
+    token_ids = torch.cat([tokens[row.cls] for row in train])
     scaling = float(base.vae.config.scaling_factor)
-    save_safetensors(cache, {"posteriors": posterior_tensor, "embeds": embeds},
+    save_safetensors(cache, {"posteriors": posterior_tensor, "embeds": embeds, "token_ids": token_ids},
                      {"ids": ",".join(ids), "scaling_factor": str(scaling)})
-    return TrainData(ids, posterior_tensor.to(device), embeds.to(device), scaling)
+    return TrainData(ids, posterior_tensor.to(device), embeds.to(device), scaling, token_ids)
 
 
-def _embed(base, prompt: str, device: torch.device) -> torch.Tensor:
-    tokens = base.tokenizer(prompt, padding="max_length", max_length=base.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    return base.text_encoder(tokens.input_ids.to(device))[0].float().cpu()
+def _tokens(base, prompt: str) -> torch.Tensor:
+    return base.tokenizer(prompt, padding="max_length", max_length=base.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
 
 
 def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: list[SplitRow], fit_config: FitConfig,
-             base, out_dir: Path) -> None:
+             base, out_dir: Path, text_bank: LoRABank | None = None) -> None:
     """Write the job's LoRA files, then its index and loss rows (files first: the index marks done)."""
     scale = fit_config.alpha / fit_config.rank
     cls_of = {row.id: row.cls for row in train}
@@ -230,8 +258,12 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
             index_rows.append((unit, cls_of[unit], _final(losses[unit])))
     elif job.method == "datadream":
         cls = job.units[0]
-        save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", to_diffusers_state(bank.get_slot(0), scale),
-                         {**common, "class": cls, "images": [train[i].id for i in job.images]})
+        state = to_diffusers_state(bank.get_slot(0), scale)
+        if text_bank is not None:
+            state.update(to_diffusers_state(text_bank.get_slot(0), scale, prefix=TEXT_PREFIX))
+        save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", state,
+                         {**common, "class": cls, "images": [train[i].id for i in job.images],
+                          "text_encoder_lora": text_bank is not None})
         index_rows.append((cls, cls, _final([v for values in losses.values() for v in values])))
     else:  # chimera: the shared A and every B head in one file
         cls = job.units[0]

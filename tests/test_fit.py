@@ -154,6 +154,8 @@ def test_fit_errors_come_before_any_model_is_loaded(invoke, folder_data, tmp_pat
     monkeypatch.setattr(models, "load_base_model", no_loading)
     code, _, err = invoke(*fit_args(folder_data, tmp_path / "a", "--resolution", "60"))
     assert code == 2 and "multiple of 8" in err
+    code, _, err = invoke(*fit_args(folder_data, tmp_path / "a", "--text-encoder-lora"))
+    assert code == 2 and "datadream" in err and len(err.strip().splitlines()) == 1
     code, _, err = invoke("fit", "--data", folder_data, "--rare", "crack", "--run", tmp_path / "b",
                           "--base-model", str(tmp_path / "nowhere" / "model.txt"))
     assert code == 2 and "model.txt" in err and len(err.strip().splitlines()) == 1

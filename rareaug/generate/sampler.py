@@ -54,8 +54,8 @@ class BankSampler:
     """Holds the frozen model, the bank and the encoded prompts; samples batches of requests."""
 
     def __init__(self, base, bank: LoRABank | None, prompt: str, guidance: float, steps: int, scheduler: str,
-                 device: torch.device, resolution: int):
-        self.base, self.bank = base, bank
+                 device: torch.device, resolution: int, text_bank: LoRABank | None = None):
+        self.base, self.bank, self.text_bank = base, bank, text_bank
         self.guidance, self.steps, self.device = guidance, steps, device
         self.scheduler_name = scheduler
         self.scheduler_config = base.scheduler.config
@@ -70,7 +70,10 @@ class BankSampler:
         tokenizer = self.base.tokenizer
         ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)
-        return self.base.text_encoder(ids)[0]
+        # A text-encoder LoRA (DataDream) shapes both the prompt and the empty prompt, as in diffusers.
+        routing = self.text_bank.route([0]) if self.text_bank is not None else contextlib.nullcontext()
+        with routing:
+            return self.base.text_encoder(ids)[0]
 
     @torch.no_grad()
     def sample(self, requests: list[SampleRequest]) -> torch.Tensor:

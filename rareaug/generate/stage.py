@@ -23,7 +23,7 @@ from ..errors import RareaugError
 from ..fit import finished_units, resolve_device, safe_name
 from ..images import model_input
 from ..io import atomic_write_json
-from ..lora.files import bank_from_chimera_file, bank_from_lora_files
+from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
 from ..run_dir import RunDir, frozen_split
 from ..split import SplitRow
 from . import plans
@@ -249,9 +249,10 @@ class _ImageMaker:
         base = load_base_model(base_spec, device=device, dtype=amp)
         self.base_name, self.is_tiny = base_spec, base.is_tiny
         self.base_hash = base.weights_hash  # before LoRA layers are installed
+        self.text_bank = None
         bank = self._bank(base, run, gen.method)
         self.sampler = BankSampler(base, bank, self.prompt, gen.guidance, gen.steps, gen.scheduler, device,
-                                   recipe.resolution)
+                                   recipe.resolution, text_bank=self.text_bank)
 
     def _bank(self, base, run: RunDir, method: str):
         folder = run.path / "loras" / method
@@ -274,7 +275,10 @@ class _ImageMaker:
         self.slot_of = {unit: slot for slot, unit in enumerate(ids)}
         self.plan = (plans.LoftPairs(ids, self.seed, gen.lam, gen.beta_alpha) if method == "loft"
                      else plans.SingleAdapter(ids, self.seed))
-        return bank_from_lora_files(base.unet, [folder / f"{safe_name(unit)}.safetensors" for unit in ids])
+        paths = [folder / f"{safe_name(unit)}.safetensors" for unit in ids]
+        if method == "datadream":
+            self.text_bank = bank_from_lora_files(base.text_encoder, paths, prefix=TEXT_PREFIX)
+        return bank_from_lora_files(base.unet, paths)
 
     def render(self, batch: list[tuple[int, int]]) -> torch.Tensor:
         """Images (n, 3, H, W) in [0, 1] for (slot, attempt) pairs; each alone would come out the same."""

@@ -11,27 +11,30 @@ from safetensors.torch import load_file, safe_open, save
 from ..io import atomic_write_bytes
 
 UNET_PREFIX = "unet."
+TEXT_PREFIX = "text_encoder."
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP text attention, as DataDream's reference
 
 
-def to_diffusers_state(factors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+def to_diffusers_state(factors: dict[str, torch.Tensor], scale: float, prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
     """{"<layer>.A", "<layer>.B"} -> diffusers keys. The alpha/rank scale is folded into lora_B, since
     diffusers reads a file without alphas as alpha = rank (scale 1): the loaded layer is then exact."""
     state = {}
     for key, value in factors.items():
         layer, _, part = key.rpartition(".")
         if part == "A":
-            state[f"{UNET_PREFIX}{layer}.lora_A.weight"] = value.contiguous()
+            state[f"{prefix}{layer}.lora_A.weight"] = value.contiguous()
         else:
-            state[f"{UNET_PREFIX}{layer}.lora_B.weight"] = (value * scale).contiguous()
+            state[f"{prefix}{layer}.lora_B.weight"] = (value * scale).contiguous()
     return state
 
 
-def from_diffusers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse, with the scale left folded into B (use scale 1 when routing such factors)."""
+def from_diffusers_state(state: dict[str, torch.Tensor], prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
+    """The inverse for one model's keys, with the scale left folded into B (route with scale 1)."""
     factors = {}
     for key, value in state.items():
-        layer = key[len(UNET_PREFIX):].rsplit(".lora_", 1)[0]
-        factors[f"{layer}.{'A' if '.lora_A.' in key else 'B'}"] = value
+        if key.startswith(prefix):
+            layer = key[len(prefix):].rsplit(".lora_", 1)[0]
+            factors[f"{layer}.{'A' if '.lora_A.' in key else 'B'}"] = value
     return factors
 
 
@@ -53,13 +56,17 @@ def torch_bytes(content: object) -> bytes:
     return buffer.getvalue()
 
 
-def bank_from_lora_files(model, paths: list[Path], targets=None):
-    """A bank with one slot per diffusers LoRA file (LoFT, DataDream), scale folded in (alpha = rank)."""
+def bank_from_lora_files(model, paths: list[Path], targets=None, prefix: str = UNET_PREFIX):
+    """A bank with one slot per diffusers LoRA file (LoFT, DataDream), scale folded in (alpha = rank).
+    None when the files hold no LoRA for this model (e.g. no text-encoder LoRA)."""
     from .bank import DEFAULT_TARGETS, LoRABank
 
-    factors = [from_diffusers_state(load_file(str(path))) for path in paths]
+    factors = [from_diffusers_state(load_file(str(path)), prefix) for path in paths]
+    if not factors[0]:
+        return None
     rank = next(v for k, v in factors[0].items() if k.endswith(".A")).shape[0]
-    bank = LoRABank(model, n_a=len(paths), rank=rank, alpha=float(rank), targets=targets or DEFAULT_TARGETS)
+    targets = targets or (TEXT_TARGETS if prefix == TEXT_PREFIX else DEFAULT_TARGETS)
+    bank = LoRABank(model, n_a=len(paths), rank=rank, alpha=float(rank), targets=targets)
     for slot, state in enumerate(factors):
         bank.set_slot(state, slot)
     return bank

@@ -41,6 +41,7 @@ class TrainData:
     posteriors: torch.Tensor  # (N, 2*C, h, w): mean and log-variance, as the VAE returns them
     embeds: torch.Tensor  # (N, tokens, dim)
     scaling_factor: float
+    token_ids: torch.Tensor | None = None  # (N, tokens): the prompt, for a text-encoder LoRA (DataDream)
 
 
 @dataclasses.dataclass
@@ -81,8 +82,11 @@ class JobRunner:
 
     def __init__(self, unet, bank: LoRABank, scheduler, data: TrainData, fit: FitConfig, seed: int,
                  device: torch.device, batch_size: int, checkpoint_dir: Path,
-                 on_step: Callable[[Job, int, int], None] | None = None):
+                 on_step: Callable[[Job, int, int], None] | None = None,
+                 text_encoder=None, text_bank: LoRABank | None = None):
         self.unet, self.bank, self.scheduler, self.data = unet, bank, scheduler, data
+        # DataDream's optional text-encoder LoRA: one slot, trained with the UNet's, same learning rate.
+        self.text_encoder, self.text_bank = text_encoder, text_bank
         self.fit, self.seed, self.device, self.batch_size = fit, seed, device, batch_size
         self.checkpoint_dir, self.on_step = checkpoint_dir, on_step
         self.amp_dtype, self.use_scaler = amp_settings(device)
@@ -121,6 +125,9 @@ class JobRunner:
     def _init_bank(self, job: Job) -> None:
         bank = self.bank
         bank.zero_b()
+        if self.text_bank is not None:
+            self.text_bank.zero_b()
+            self.text_bank.init_a(0, unit_generator(self.seed, f"init-text:{job.units[0]}"), kind="kaiming")
         if job.method == "chimera":
             bank.init_a(0, unit_generator(self.seed, f"init:{job.units[0]}"), kind="gaussian")
             return
@@ -131,6 +138,8 @@ class JobRunner:
         fit = self.fit
         groups = [{"params": self.bank.b_parameters(), "lr": fit.lr}]
         groups.append({"params": self.bank.a_parameters(), "lr": fit.lr_a if job.method == "chimera" else fit.lr})
+        if self.text_bank is not None:
+            groups.append({"params": self.text_bank.parameters(), "lr": fit.lr})
         return torch.optim.AdamW(groups, lr=fit.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=fit.weight_decay)
 
     # --- one optimizer step -----------------------------------------------------------------------
@@ -175,15 +184,25 @@ class JobRunner:
         noisy = torch.cat([d[0] for d in drawn]).to(self.device)
         target = torch.cat([d[1] for d in drawn]).to(self.device)
         timesteps = torch.cat([d[2] for d in drawn]).to(self.device)
-        embeds = self.data.embeds[[row for _, _, row, _, _ in samples]].to(self.device)
+        rows = [row for _, _, row, _, _ in samples]
         autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
         with autocast:
+            embeds = self._embeds(rows)
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
+    def _embeds(self, rows: list[int]) -> torch.Tensor:
+        if self.text_bank is None:
+            return self.data.embeds[rows].to(self.device)
+        with self.text_bank.route([0] * len(rows)):
+            return self.text_encoder(self.data.token_ids[rows].to(self.device))[0]
+
+    def _all_parameters(self) -> list[torch.nn.Parameter]:
+        return self.bank.parameters() + (self.text_bank.parameters() if self.text_bank is not None else [])
+
     def _clip(self, job: Job) -> None:
         """torch's clip_grad_norm_ rule (coef = max / (norm + 1e-6), at most 1), per adapter for LoFT."""
-        params = [p for p in self.bank.parameters() if p.grad is not None]
+        params = [p for p in self._all_parameters() if p.grad is not None]
         max_norm = self.fit.max_grad_norm
         if job.method != "loft":
             torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -198,7 +217,7 @@ class JobRunner:
     def _save(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators, state) -> None:
         content = {
             "key": job.key, "units": job.units, "state": state,
-            "bank": {name: (layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu()) for name, layer in self.bank.layers.items()},
+            "bank": _factors(self.bank), "text_bank": _factors(self.text_bank),
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
             "generators": [g.get_state() for g in generators],
@@ -209,10 +228,8 @@ class JobRunner:
         content = torch.load(path, map_location="cpu", weights_only=False)
         if content["key"] != job.key or content["units"] != job.units:
             return {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}
-        with torch.no_grad():
-            for name, (a, b) in content["bank"].items():
-                self.bank.layers[name].lora_A.copy_(a)
-                self.bank.layers[name].lora_B.copy_(b)
+        _load_factors(self.bank, content["bank"])
+        _load_factors(self.text_bank, content["text_bank"])
         optimizer.load_state_dict(content["optimizer"])
         lr_schedule.load_state_dict(content["lr_schedule"])
         if scaler and content["scaler"]:
@@ -220,3 +237,16 @@ class JobRunner:
         for generator, saved in zip(generators, content["generators"]):
             generator.set_state(saved)
         return content["state"]
+
+
+def _factors(bank: LoRABank | None) -> dict:
+    if bank is None:
+        return {}
+    return {name: (layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu()) for name, layer in bank.layers.items()}
+
+
+@torch.no_grad()
+def _load_factors(bank: LoRABank | None, factors: dict) -> None:
+    for name, (a, b) in factors.items():
+        bank.layers[name].lora_A.copy_(a)
+        bank.layers[name].lora_B.copy_(b)
