@@ -16,7 +16,6 @@ import contextlib
 import copy
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,21 +28,17 @@ from rareaug.config import FitConfig  # noqa: E402
 from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank  # noqa: E402
 from rareaug.lora.train import Job, JobRunner, TrainData, amp_settings  # noqa: E402
 
-import sd21  # noqa: E402  (bench/ is on the path when run as a script)
+from common import device_name, emit, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
+import common  # noqa: E402
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
 def build_unet(model: str, device, dtype):
-    base = sd21.build(model, device, dtype, with_vae_and_text=False)
+    base = common.build(model, device, dtype, with_vae_and_text=False)
     latent, context = (64, 1024) if model == "sd21" else (8, 32)
     return base.unet, base.scheduler, latent, context
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device) -> float | None:
@@ -75,7 +70,7 @@ def reference_way(unet, scheduler, latent, context, device, steps: int, warmup: 
     amp_dtype, _ = amp_settings(device)
     autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     embeds = torch.randn(1, 77, context, device=device, dtype=unet.dtype)
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    reset_peak(device)
 
     def step():
         latents = torch.randn(1, 4, latent, latent, device=device)
@@ -100,8 +95,6 @@ def reference_way(unet, scheduler, latent, context, device, steps: int, warmup: 
     return {"adapter_steps_per_s": steps / seconds, "peak_gib": peak_gib(device)}
 
 
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def bank_way(unet, scheduler, latent, context, device, n: int, steps: int, warmup: int,
@@ -130,7 +123,7 @@ def bank_way(unet, scheduler, latent, context, device, n: int, steps: int, warmu
     marks = []
     runner = JobRunner(model, bank, scheduler, data, config, 0, device, n, Path("/nonexistent-no-checkpoints"),
                        on_step=lambda job, step, k: (sync(device), marks.append(time.perf_counter())))
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    reset_peak(device)
     start = time.perf_counter()
     runner.run(Job("loft", "bench", data.ids, list(range(n))))
     if compile_blocks:
@@ -182,7 +175,7 @@ def main() -> None:
     amp_dtype, _ = amp_settings(device)
     dtype = amp_dtype or torch.float32
 
-    info = {"what": "bench_fit", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    info = {"what": "bench_fit", "device": device_name(device),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "model": args.model,
             "dtype": str(dtype).replace("torch.", ""), "command": " ".join(sys.argv)}
     emit(info)

@@ -12,7 +12,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -22,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sd21  # noqa: E402  (bench/ is on the path when run as a script)
+from common import device_name, emit, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
+import common  # noqa: E402
 
 from rareaug.generate import plans  # noqa: E402
 from rareaug.generate.sampler import BankSampler, SampleRequest, make_scheduler  # noqa: E402
@@ -33,17 +33,10 @@ from rareaug.lora.train import amp_settings  # noqa: E402
 PROMPT = "a photo of a crack"
 
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def random_lora_files(unet, n: int, folder: Path) -> list[Path]:
@@ -71,8 +64,7 @@ def reference_way(base, paths, steps, guidance, images, resolution, device) -> d
     for path in paths:
         pipe.load_lora_weights(path, adapter_name=path.stem)
     plan = plans.LoftPairs([p.stem for p in paths], seed=0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
 
     def one(slot: int) -> None:
         mix = plan(slot)
@@ -116,8 +108,7 @@ def batched_way(base, paths, steps, guidance, batch, repeats, resolution, device
             out.append(SampleRequest(ids, ids, list(mix.weights), plans.image_seed(0, slot, 0)))
         return out
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     start = time.perf_counter()
     sampler.sample(requests(0))  # warm-up (and, with --compile, the compile)
     sync(device)
@@ -156,12 +147,12 @@ def main() -> None:
     dtype = amp_dtype or torch.float32
     resolution = 512 if args.model == "sd21" else 64
 
-    info = {"what": "bench_generate", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    info = {"what": "bench_generate", "device": device_name(device),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "model": args.model,
             "dtype": str(dtype).replace("torch.", ""), "resolution": resolution, "steps": args.steps,
             "guidance": args.guidance, "command": " ".join(sys.argv)}
     emit(info)
-    base = sd21.build(args.model, device, dtype)
+    base = common.build(args.model, device, dtype)
     with tempfile.TemporaryDirectory() as folder:
         paths = random_lora_files(base.unet, args.adapters, Path(folder))
         reference = reference_way(base, paths, args.steps, args.guidance, args.reference_images, resolution, device)

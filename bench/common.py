@@ -1,7 +1,8 @@
-"""An SD-2.1-base-sized model built from its configs with random weights (speed does not depend on
-weight values), and the tiny model, behind one function the benchmarks share."""
+"""What the benchmarks share: an SD-2.1-base-sized model built from its configs with random weights (speed
+does not depend on weight values) or the tiny model, and how figures are timed and printed."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -53,3 +54,28 @@ def build(model: str, device: torch.device, dtype: torch.dtype, with_vae_and_tex
     return BaseModel(unet=unet, vae=vae, text_encoder=text, tokenizer=clip_tokenizer() if text else None,
                      scheduler=DDPMScheduler.from_config(sampling.config), name="sd21-random", is_tiny=False,
                      prediction_type="epsilon", sampling_scheduler="PNDMScheduler")
+
+
+def emit(record: dict) -> None:
+    """One JSON line per figure, the moment it is measured (a run cut at its limit keeps what it printed)."""
+    print(json.dumps(record), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_name(device: torch.device) -> str:
+    import platform
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
