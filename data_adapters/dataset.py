@@ -40,6 +40,7 @@ def load_dataset(
     max_per_class: int | None = None,
     seed: int = 0,
     on_bad_file: str = "skip",
+    frame: int = 0,
 ) -> Dataset:
     """Scan, choose the rare class and negatives, subsample, and decode every chosen image once."""
     if negatives not in NEGATIVE_RULES:
@@ -60,7 +61,7 @@ def load_dataset(
     usable = []
     for label, members in _group_by_label(found.records, rare_name).items():
         limit = max_per_class if (max_per_class and label != rare_name) else None
-        usable += probe_until(members, limit, rng, problems, on_bad_file)
+        usable += probe_until(members, limit, rng, problems, on_bad_file, frame)
     usable.sort(key=lambda record: record.rel_path)
     if rare_name is not None and not any(record.is_rare for record in usable):
         raise DataError(f"{found.root}: every image of the rare class {rare_name!r} failed to decode; see problems")
@@ -109,7 +110,7 @@ def _group_by_label(records: list[Record], rare: str | None) -> dict[str, list[R
     return groups
 
 
-def probe_until(records, limit, rng, problems, on_bad_file) -> list[Record]:
+def probe_until(records, limit, rng, problems, on_bad_file, frame: int = 0) -> list[Record]:
     """Decode records (in a seeded random order when subsampling) until `limit` usable ones are found."""
     if limit is not None and limit < len(records):
         records = [records[i] for i in rng.permutation(len(records))]
@@ -118,15 +119,15 @@ def probe_until(records, limit, rng, problems, on_bad_file) -> list[Record]:
     while len(usable) < wanted and start < len(records):
         batch = records[start:start + wanted - len(usable)]
         start += len(batch)
-        usable += probe(batch, problems, on_bad_file)
+        usable += probe(batch, problems, on_bad_file, frame)
     return usable
 
 
-def probe(records: list[Record], problems: list[Problem], on_bad_file: str = "skip") -> list[Record]:
+def probe(records: list[Record], problems: list[Problem], on_bad_file: str = "skip", frame: int = 0) -> list[Record]:
     """Decode each record once (threads: decoding is I/O and C code) and fill in what was seen."""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_probe_one, records))
+        results = list(pool.map(lambda record: _probe_one(record, frame), records))
     usable = []
     for record, error in zip(records, results):
         if error is None:
@@ -134,17 +135,18 @@ def probe(records: list[Record], problems: list[Problem], on_bad_file: str = "sk
             continue
         if on_bad_file == "fail":
             raise DataError(f"{error} (stopping: --on-bad-file fail; use --on-bad-file skip to skip it)")
-        problems.append(Problem(record.rel_path, error.replace(str(record.path) + ": ", "")))
+        problems.append(Problem(record.rel_path, str(error).replace(str(record.path) + ": ", ""), error.kind))
     return usable
 
 
-def _probe_one(record: Record) -> str | None:
+def _probe_one(record: Record, frame: int = 0) -> DecodeError | None:
     try:
-        decoded = decode(record.path)
+        decoded = decode(record.path, frame=frame)
     except DecodeError as error:
-        return str(error)
+        return error
     except Exception as error:  # a decoder bug on one file must not stop a 100k-image scan
-        return f"{record.path}: could not decode ({type(error).__name__}: {' '.join(str(error).split())[:160]})"
+        return DecodeError(f"{record.path}: could not decode ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:160]})", "decoder failure")
     record.width, record.height = decoded.original_size
     record.mode, record.bit_depth = decoded.mode, decoded.bit_depth
     record.phash = perceptual_hash(decoded)
@@ -160,3 +162,4 @@ def perceptual_hash(decoded: Decoded) -> str:
 
     gray = (decoded.pixels.mean(axis=0) * 255.0 + 0.5).astype(np.uint8)
     return str(imagehash.phash(Image.fromarray(gray)))
+

@@ -18,7 +18,14 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 
 class DecodeError(Exception):
-    """A file that cannot be read as an image; the message is one line."""
+    """A file that cannot be read as an image; the message is one line naming the file.
+
+    `kind` is a short, path-free label (what data.json may keep; the message may hold paths and names).
+    """
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclasses.dataclass
@@ -47,11 +54,14 @@ def is_image_file(path: Path) -> bool:
 
 
 def decode(path: Path, frame: int = 0) -> Decoded:
-    """Decode any supported file (picture formats through Pillow, DICOM through pydicom)."""
+    """Decode any supported file (picture formats through Pillow, DICOM through pydicom).
+
+    `frame` picks the frame of a multi-frame DICOM; files with a single frame (pictures too) have only that one.
+    """
     if not path.is_file():
-        raise DecodeError(f"{path}: not a file")
+        raise DecodeError(f"{path}: not a file", "missing")
     if path.stat().st_size == 0:
-        raise DecodeError(f"{path}: empty file (0 bytes); remove it or replace it with the real image")
+        raise DecodeError(f"{path}: empty file (0 bytes); remove it or replace it with the real image", "empty file")
     if is_dicom_file(path):
         return decode_dicom(path, frame=frame)
     return decode_picture(path)
@@ -68,9 +78,10 @@ def decode_picture(path: Path) -> Decoded:
             image = ImageOps.exif_transpose(image)  # a phone photo is shown upright, so train on it upright
             pixels, bit_depth = _picture_to_array(image)
     except Image.DecompressionBombError as error:
-        raise DecodeError(f"{path}: image too large to decode safely ({_one_line(error)})") from None
+        raise DecodeError(f"{path}: image too large to decode safely ({_one_line(error)})", "too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DecodeError(f"{path}: not a readable image ({_one_line(error)}); re-export or remove it") from None
+        raise DecodeError(f"{path}: not a readable image ({_one_line(error)}); re-export or remove it",
+                          "unreadable image") from None
     return Decoded(pixels=pixels, mode=mode, bit_depth=bit_depth, original_size=original_size)
 
 
@@ -123,18 +134,20 @@ def decode_dicom(path: Path, frame: int = 0) -> Decoded:
     try:
         ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as error:
-        raise DecodeError(f"{path}: not a readable DICOM file ({_one_line(error)})") from None
+        raise DecodeError(f"{path}: not a readable DICOM file ({_one_line(error)})", "unreadable DICOM") from None
     if "PixelData" not in ds:
-        raise DecodeError(f"{path}: DICOM file without pixel data (a report or structured document?); remove it")
+        raise DecodeError(f"{path}: DICOM file without pixel data (a report or structured document?); remove it",
+                          "DICOM without pixel data")
     try:
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = 0 if n_frames == 1 and frame > 0 else frame
         if not 0 <= frame < n_frames:
-            raise DecodeError(f"{path}: has {n_frames} frame(s), frame {frame} was asked for")
+            raise DecodeError(f"{path}: has {n_frames} frame(s), frame {frame} was asked for", "no such frame")
         raw = ds.pixel_array if n_frames == 1 else ds.pixel_array[frame]
     except DecodeError:
         raise
     except Exception as error:  # pydicom raises RuntimeError/NotImplementedError/ValueError variants
-        raise DecodeError(_dicom_pixel_error(path, ds, error)) from None
+        raise DecodeError(_dicom_pixel_error(path, ds, error), "DICOM pixel data not decodable here") from None
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     bits_stored = int(ds.get("BitsStored", raw.dtype.itemsize * 8))
@@ -215,7 +228,7 @@ def load_mask(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             array = np.asarray(ImageOps.exif_transpose(image).convert("L"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DecodeError(f"{path}: mask not readable ({_one_line(error)})") from None
+        raise DecodeError(f"{path}: mask not readable ({_one_line(error)})", "unreadable mask") from None
     return array > 0
 
 

@@ -48,7 +48,8 @@ class Problem:
     """A file that was skipped. `path` is relative to the data root and is shown on screen only."""
 
     path: str
-    reason: str
+    reason: str  # may name files; shown on screen only
+    kind: str = "unreadable"  # short and path-free: what files in the run directory keep
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from . import __version__
 from .config import Config, build_config
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, RareaugError
 
 app = typer.Typer(
     name="rareaug",
@@ -40,6 +40,7 @@ TestDataOpt = Annotated[Optional[Path], typer.Option("--test-data", help="A sepa
 TestFractionOpt = Annotated[Optional[float], typer.Option("--test-fraction", help="Share of every class held out for test (default 0.2).")]
 ValFractionOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the rest for validation (default 0.2).")]
 FoldsOpt = Annotated[Optional[int], typer.Option("--folds", help="Cross-validation folds over the non-test images (default 1).")]
+FrameOpt = Annotated[Optional[int], typer.Option("--frame", help="Frame of multi-frame DICOMs to use (default 0, the first).")]
 OnBadFileOpt = Annotated[Optional[str], typer.Option("--on-bad-file", help="skip (default): list and skip unreadable files; fail: stop.")]
 
 
@@ -68,12 +69,12 @@ def make_config(config: str | None, **flags) -> tuple[Config, set[str]]:
 
 
 def _data_flags(data, layout, rare, negatives, max_rare, max_per_class, test_data, on_bad_file, test_fraction,
-                val_fraction, folds) -> dict:
+                val_fraction, folds, frame) -> dict:
     """The data and split options every command that may create the split accepts."""
     return dict(data__data=data, data__layout=layout, data__rare=rare, data__negatives=negatives,
                 data__max_rare=max_rare, data__max_per_class=max_per_class, data__test_data=test_data,
                 data__on_bad_file=on_bad_file, split__test_fraction=test_fraction, split__val_fraction=val_fraction,
-                split__folds=folds)
+                split__folds=folds, data__frame=frame)
 
 
 def _version(value: bool) -> None:
@@ -104,6 +105,7 @@ def inspect(
     val_fraction: ValFractionOpt = None,
     folds: FoldsOpt = None,
     on_bad_file: OnBadFileOpt = None,
+    frame: FrameOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
@@ -113,7 +115,7 @@ def inspect(
 
     cfg, given = make_config(config, run=run, seed=seed, **_data_flags(
         data, layout, rare, negatives, max_rare, max_per_class, test_data, on_bad_file, test_fraction, val_fraction,
-        folds))
+        folds, frame))
     summary = inspect_data(cfg, given)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
@@ -145,6 +147,7 @@ def fit(
     val_fraction: ValFractionOpt = None,
     folds: FoldsOpt = None,
     on_bad_file: OnBadFileOpt = None,
+    frame: FrameOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -155,7 +158,7 @@ def fit(
 
     cfg, given = make_config(
         config, run=run, seed=seed, device=device, **_data_flags(data, layout, rare, negatives, max_rare,
-        max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds), recipe__resolution=resolution,
+        max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds, frame), recipe__resolution=resolution,
         fit__method=method,
         fit__base_model=base_model, fit__steps=steps, fit__rank=rank, fit__lr=lr, fit__batch_size=batch_size,
         fit__gradient_checkpointing=gradient_checkpointing, fit__text_encoder_lora=text_encoder_lora,
@@ -201,6 +204,34 @@ def generate(
     run_generate(cfg, given, force=force, console=console)
 
 
+@app.command("export-mix")
+@user_errors
+def export_mix(
+    run: Annotated[Path, typer.Option("--run", help="Run directory with a chimera fit.")],
+    heads: Annotated[str, typer.Option("--heads", help="Head weights, e.g. r0001=0.5,r0003=0.5.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the plain diffusers LoRA file.")],
+    cls: Annotated[Optional[str], typer.Option("--class", help="The class (default: the run's rare class).")] = None,
+) -> None:
+    """Export a ChimeraLoRA head mix (shared A, B = sum of w_i B_i) as a LoRA file plain diffusers loads."""
+    from .fit import export_mix as export, safe_name
+    from .run_dir import RunDir
+    from .split import read_split
+
+    weights = {}
+    for part in heads.split(","):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r}: write each head as id=weight, e.g. r0001=0.5") from None
+    if cls is None:
+        cls = next((row.cls for row in read_split(RunDir(run).split_csv) if row.rare), None)
+    source = Path(run) / "loras" / "chimera" / f"{safe_name(cls or '')}.safetensors"
+    if not source.exists():
+        raise RareaugError(f"{source}: no chimera LoRA; run `rareaug fit --run {run} --method chimera` first")
+    console.print(f"wrote {export(source, weights, out)}")
+
+
 @app.command()
 @user_errors
 def demo(
@@ -213,15 +244,18 @@ def demo(
     from .samples import sample_root
 
     run = run or Path("runs/demo")
+    # The guard threshold is set: these texture crops are so unlike each other (1 - SSIM near 0.9) that the
+    # calibrated threshold would call the tiny model's smooth blobs copies. Real data calibrates it.
     flags = dict(run=run, data__data=sample_root(), data__rare="gravel", recipe__resolution=64,
-                 fit__base_model="tiny", fit__steps=30, generate__ratio=2.0, generate__steps=10)
+                 fit__base_model="tiny", fit__steps=30, generate__ratio=2.0, generate__steps=10,
+                 generate__guard_threshold=0.3)
     cfg, given = make_config(None, **flags)
     console.print(f"[bold]rareaug demo[/] on the shipped texture sample (rare class: gravel) -> {run}")
     console.rule("1. inspect")
     render(inspect_data(cfg, given), console)
     console.rule("2. fit (LoFT on the tiny random test model: proves the pipeline runs, not the method)")
     run_fit(cfg, given, console=console)
-    console.rule("3. generate (ratio 2)")
+    console.rule("3. generate (ratio 2; guard threshold 0.3, see `rareaug generate --help`)")
     result = run_generate(cfg, given, console=console)
     console.print(f"[bold]done[/]: LoRAs in {run}/loras/loft, {result.kept} synthetic images and their manifest in "
                   f"{result.folder}. sweep-ratio and report join the demo as they are built.")

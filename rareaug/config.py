@@ -31,6 +31,7 @@ class DataConfig:
     max_per_class: int | None = None
     test_data: str | None = None
     on_bad_file: str = "skip"
+    frame: int = 0  # which frame of a multi-frame DICOM to use
 
 
 @dataclasses.dataclass
@@ -137,6 +138,8 @@ class Config:
     def run_dir(self) -> Path:
         """`--run`, or `runs/<rare>` by default (DESIGN.md)."""
         if self.run:
+            if Path(self.run).exists() and not Path(self.run).is_dir():
+                raise RareaugError(f"--run {self.run}: is a file; a run directory is a folder (new or made by rareaug)")
             return Path(self.run)
         if not self.data.rare:
             raise RareaugError("no run directory: pass --run RUN_DIR (or --rare NAME for the default runs/<rare>)")
@@ -261,6 +264,8 @@ def check_config(config: Config) -> None:
         value = getattr(gen, name)
         if value is not None and value < 1:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if gen.guard_distance not in ("ssim", "lpips"):
+        raise RareaugError(f"--guard-distance {gen.guard_distance!r} is unknown; use ssim or lpips")
     if gen.ratio is not None and gen.ratio < 0:
         raise RareaugError(f"--ratio must be 0 or more, got {gen.ratio}")
 

@@ -36,6 +36,13 @@ class FitResult:
     adapter_steps_per_s: float | None
 
 
+def model_label(spec: str) -> str:
+    """How a base model is named in files others may see: hub ids and `tiny` as given, a local path by its
+    last component only (paths stay on this machine; the weights hash identifies the model)."""
+    path = Path(spec).expanduser()
+    return path.name if path.exists() else spec
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,10 +60,11 @@ def same_model_as_other_fits(config: Config, given: set[str]) -> Config:
     without --base-model / --resolution takes those of the run's earlier fits."""
     import yaml
 
-    if not config.run:
+    try:
+        run = RunDir(config.run_dir())
+    except RareaugError:  # no --run and no --rare: there is no run to look in yet
         return config
-    run = RunDir(config.run_dir())
-    earlier = sorted(run.path.glob("stages/fit-*.yaml"))
+    earlier = sorted(run.path.glob("stages/fit-*.yaml"), key=lambda path: path.stat().st_mtime)
     if not earlier:
         return config
     stored = yaml.safe_load(earlier[0].read_text())
@@ -97,11 +105,10 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     run = RunDir(config.run_dir())
     method = fit_config.method
     out_dir = run.path / "loras" / method
-    if run.write_stage_config("fit", method, config, force=force):
-        clear_outputs(out_dir)  # --force with a new config: LoRAs of the old one must not mix in
+    start_over = run.check_stage_config("fit", method, config, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs_all = plan_jobs(method, train)
-    done = finished_units(out_dir, fit_config.steps)
+    done = set() if start_over else finished_units(out_dir, fit_config.steps)
     jobs = [job for job in jobs_all if not all(unit in done for unit in job.units)]
     skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in jobs for u in j.units})
     if not jobs:
@@ -111,10 +118,15 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     # 4. Load the base model; encode images and prompts once (cached in the run dir).
     amp_dtype = amp_settings(device)[0]
     base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32)
+    if start_over:
+        clear_outputs(out_dir)  # --force with a new config: LoRAs of the old one must not mix in
+    run.write_stage_config("fit", method, config)
     data = encode_training_set(base, train, config, run, device)
 
     # 5. Train every pending job in one bank, LoFT's adapters batch_size at a time.
-    batch_size = fit_config.batch_size or default_batch_size(device, method, len(train))
+    batch_size = fit_config.batch_size or resumed_batch_size(out_dir) or default_batch_size(device, method, len(train))
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    atomic_write_text(out_dir / "checkpoints" / "batch_size", f"{batch_size}\n")
     jobs = regroup_loft(jobs, batch_size) if method == "loft" else jobs
     n_b = len(train) if method == "chimera" else (batch_size if method == "loft" else 1)
     bank = LoRABank(base.unet, n_a=batch_size if method == "loft" else 1, n_b=n_b, rank=fit_config.rank,
@@ -140,6 +152,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
             save_job(job, bank, losses, train, fit_config, base, out_dir, text_bank)
             (out_dir / "checkpoints" / f"{job.key}.pt").unlink(missing_ok=True)
             trained += job.units
+    clear_checkpoints(out_dir)  # every job is done: what is left belongs to chunkings no longer used
     console.print(f"fit {method}: trained {len(trained)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
                   + (" [tiny test model: not a real model]" if base.is_tiny else ""))
     return FitResult(method, out_dir, trained, skipped, tracker.rate())
@@ -147,9 +160,23 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
 
 def clear_outputs(out_dir: Path) -> None:
     """Remove a method's LoRAs, index, losses and checkpoints (rareaug's own outputs, never user data)."""
-    for pattern in ("*.safetensors", "index.csv", "losses.csv", "checkpoints/*.pt"):
+    for pattern in ("*.safetensors", "index.csv", "losses.csv", "checkpoints/*"):
         for path in out_dir.glob(pattern):
             path.unlink()
+
+
+def resumed_batch_size(out_dir: Path) -> int | None:
+    """An interrupted fit without --batch-size resumes with the chunking its checkpoints were made with
+    (the default depends on free GPU memory, which can differ between runs)."""
+    recorded = out_dir / "checkpoints" / "batch_size"
+    if recorded.exists() and list((out_dir / "checkpoints").glob("*.pt")):
+        return int(recorded.read_text())
+    return None
+
+
+def clear_checkpoints(out_dir: Path) -> None:
+    for path in (out_dir / "checkpoints").glob("*"):
+        path.unlink()
 
 
 def plan_jobs(method: str, train: list[SplitRow]) -> list[Job]:
@@ -218,7 +245,8 @@ def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir
     posteriors = []
     with torch.no_grad():
         for row in train:
-            pixels = model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop, row.abs_mask)
+            pixels = model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop, row.abs_mask,
+                                 config.data.frame)
             posteriors.append(base.vae.encode(pixels[None].to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
         prompts = {row.cls: recipe.prompt.replace("{class}", row.cls) for row in train}
         tokens = {cls: _tokens(base, prompt) for cls, prompt in prompts.items()}
@@ -247,7 +275,7 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
     scale = fit_config.alpha / fit_config.rank
     cls_of = {row.id: row.cls for row in train}
     common = {"rareaug_version": __version__, "method": job.method, "rank": fit_config.rank,
-              "alpha": fit_config.alpha, "steps": fit_config.steps, "base_model": fit_config.base_model,
+              "alpha": fit_config.alpha, "steps": fit_config.steps, "base_model": model_label(fit_config.base_model),
               "tiny_test_model": base.is_tiny, "format": "diffusers peft keys; alpha/rank folded into lora_B"}
     index_rows = []
     if job.method == "loft":
@@ -274,7 +302,7 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
             tensors[f"{name}.B"] = layer.lora_B.detach().cpu() * scale  # (heads, out, r), scale folded
         save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
         index_rows += [(head, cls, _final(losses.get(head, []))) for head in heads]
-    _append_index(out_dir / "index.csv", index_rows, job.method, fit_config.steps, fit_config.base_model)
+    _append_index(out_dir / "index.csv", index_rows, job.method, fit_config.steps, model_label(fit_config.base_model))
     _append_losses(out_dir / "losses.csv", losses)
 
 

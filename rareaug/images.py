@@ -28,9 +28,10 @@ def square_region(width: int, height: int, rule: str, box: tuple[int, int, int, 
     return (width - side) // 2, (height - side) // 2, side
 
 
-def model_input(path: Path, resolution: int, crop: str, fallback: str = "center", mask: Path | None = None) -> torch.Tensor:
+def model_input(path: Path, resolution: int, crop: str, fallback: str = "center", mask: Path | None = None,
+                frame: int = 0) -> torch.Tensor:
     """(3, resolution, resolution) float32 in [-1, 1], the range the VAE was trained on."""
-    pixels = decode(path).pixels  # (C, H, W) in [0, 1]
+    pixels = decode(path, frame=frame).pixels  # (C, H, W) in [0, 1]
     _, height, width = pixels.shape
     box = None
     if crop == "mask-box" and mask is not None and mask.is_file():

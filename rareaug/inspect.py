@@ -44,11 +44,18 @@ def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -
     n_rare = sum(row.rare for row in rows) if dataset.rare else None
     patients = {row.group for row in rows if row.group}
     sizes = Counter((r.width, r.height) for r in records)
-    problems = [{"path": p.path, "reason": p.reason} for p in dataset.problems]
+    problems = [{"path": p.path, "reason": p.reason, "kind": p.kind} for p in dataset.problems]
 
     warnings = []
     if n_rare is not None and n_rare < FEW_RARE:
         warnings.append(f"only {n_rare} rare images: results will be noisy (20-50 recommended)")
+    if dataset.rare:
+        for split in ("val", "test"):
+            if not any(row.rare and row.split == split for row in rows):
+                warnings.append(f"no rare image in {split}: the rare images come from too few patients to split "
+                                f"them (or --max-rare is too small); {split} figures for the rare class will be missing")
+        if not any(not row.rare for row in rows):
+            warnings.append("no negative images: only the rare class was found; a classifier needs other images too")
     for leak in leaks[:20]:
         warnings.append(f"possible leakage: {leak['a']} ({leak['a_split']}) and {leak['b']} ({leak['b_split']}) "
                         f"look alike (perceptual-hash distance {leak['distance']})")

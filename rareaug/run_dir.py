@@ -19,7 +19,7 @@ MIN_RARE = 5
 FEW_RARE = 20
 # What the frozen split depends on. `seed` is absent on purpose: a later --seed never moves an image.
 SPLIT_KEYS = ("data.data", "data.layout", "data.rare", "data.negatives", "data.max_rare", "data.max_per_class",
-              "data.test_data", "split.test_fraction", "split.val_fraction", "split.folds")
+              "data.test_data", "data.frame", "split.test_fraction", "split.val_fraction", "split.folds")
 
 
 class RunDir:
@@ -38,26 +38,53 @@ class RunDir:
         name = f"{stage}-{variant}" if variant else stage
         return self.path / "stages" / f"{name}.yaml"
 
-    def write_stage_config(self, stage: str, variant: str | None, config: Config, force: bool = False) -> bool:
-        """Write the resolved config before work starts; refuse a different config for the same variant
-        unless `force`. Returns True when an earlier, different config was replaced."""
+    def check_stage_config(self, stage: str, variant: str | None, config: Config, force: bool = False) -> bool:
+        """Refuse a config that differs from the one this stage variant already ran with, unless `force`.
+        Returns True when there is such an earlier, different config (which `force` replaces)."""
         path = self.stage_config(stage, variant)
+        if not path.exists():
+            return False
+        previous = _read_yaml(path)
         record = stage_record(config)
-        replaced = False
-        if path.exists():
-            previous = yaml.safe_load(path.read_text()) or {}
-            if _without_device(previous) != _without_device(record):
-                if not force:
-                    changed = _first_difference(previous, record)
-                    raise RareaugError(f"{path}: this run's {stage} used a different config ({changed}); "
-                                       "use a new --run, the same options, or --force to start it over")
-                replaced = True
-        atomic_write_yaml(path, record)
-        return replaced
+        if _without_execution(previous) == _without_execution(record):
+            return False
+        if not force:
+            raise RareaugError(f"{path}: this run's {stage} used a different config ({_first_difference(previous, record)}); "
+                               "use a new --run, the same options, or --force to start it over")
+        return True
+
+    def write_stage_config(self, stage: str, variant: str | None, config: Config) -> Path:
+        """Record the resolved config once the stage is set to work (its model loaded), so a command that
+        fails while setting up leaves nothing that would refuse the corrected command."""
+        path = self.stage_config(stage, variant)
+        atomic_write_yaml(path, stage_record(config))
+        return path
 
 
-def _without_device(record: dict) -> dict:
-    return {key: value for key, value in record.items() if key != "device"}
+# How a stage runs, not what it computes (the bank makes results independent of the batch size): a rerun
+# may change these freely.
+EXECUTION_KEYS = {"device": None, "fit": ("batch_size", "gradient_checkpointing", "checkpoint_every"),
+                  "generate": ("batch_size",)}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise RareaugError(f"{path}: unreadable ({' '.join(str(error).split())[:120]}); restore it or use a new --run") from None
+    if not isinstance(content, dict):
+        raise RareaugError(f"{path}: not a rareaug stage config; restore it or use a new --run")
+    return content
+
+
+def _without_execution(record: dict) -> dict:
+    kept = {}
+    for key, value in record.items():
+        drop = EXECUTION_KEYS.get(key, ())
+        if drop is None:
+            continue
+        kept[key] = {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) and drop else value
+    return kept
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
@@ -83,12 +110,15 @@ def load_data(config: Config) -> tuple[Dataset, Dataset | None]:
     """Decode the user's data (and --test-data) as the config says; refuse too few rare images."""
     data = config.data
     if not data.data:
-        raise RareaugError("no data: pass --data PATH (a folder of class folders, a layout root, or a CSV file)")
+        where = f"{config.run_dir() / 'split.csv'} does not exist yet" if config.run or config.data.rare else "no data"
+        raise RareaugError(f"{where}: pass --data PATH (a folder of class folders, a layout root, or a CSV file) "
+                           "to `rareaug inspect` or `rareaug fit` to create the run")
     dataset = load_dataset(Path(data.data), data.layout, data.rare, data.negatives, data.max_per_class,
-                           config.seed, data.on_bad_file)
+                           config.seed, data.on_bad_file, data.frame)
     test = None
     if data.test_data:
-        test = load_dataset(Path(data.test_data), None, data.rare, data.negatives, None, config.seed, data.on_bad_file)
+        test = load_dataset(Path(data.test_data), None, data.rare, data.negatives, None, config.seed, data.on_bad_file,
+                            data.frame)
     if dataset.rare is not None:
         n_rare = sum(record.is_rare for record in dataset.records)
         if n_rare < MIN_RARE:
@@ -108,9 +138,9 @@ def frozen_split(config: Config, given: set[str], dataset: Dataset | None = None
     run = RunDir(config.run_dir())
     if run.split_csv.exists():
         frozen = run.stage_config("split")
-        stored = yaml.safe_load(frozen.read_text()) if frozen.exists() else None
-        if not stored:
+        if not frozen.exists():
             raise RareaugError(f"{frozen}: missing; {run.split_csv} cannot be checked. Use a new --run")
+        stored = _read_yaml(frozen)
         config = _adopt_split_config(config, stored, given, run)
         return read_split(run.split_csv), config, False
     if dataset is None:
@@ -149,10 +179,11 @@ def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunD
 
 
 def write_data_json(run: RunDir, summary: dict) -> None:
-    """What inspect saw, with ids only: problems keep their reason, their path becomes a hash."""
+    """What inspect saw, with ids only: a problem keeps its path-free kind, its file becomes a hash (reasons
+    can quote file names, and file names can hold patient names or IDs)."""
     content = {key: value for key, value in summary.items() if key not in ("problems", "run")}
     content["problems"] = [
-        {"file": hashlib.sha256(problem["path"].encode()).hexdigest()[:12], "reason": problem["reason"]}
+        {"file": hashlib.sha256(problem["path"].encode()).hexdigest()[:12], "kind": problem["kind"]}
         for problem in summary.get("problems", [])
     ]
     atomic_write_json(run.data_json, content)

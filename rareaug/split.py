@@ -72,11 +72,13 @@ def make_split(records: list[Record], test_records: list[Record], config: Config
 
     # 1. Test: the layout's own test split, --test-data, or a test fraction of every class without one.
     classes_with_fixed_test = {cls for group in groups if group.fixed == "test" for cls in group.counts}
-    free = [g for g in groups if g.fixed is None]
+    free = [index for index, group in enumerate(groups) if group.fixed is None]
     if not test_records:
-        targets = _targets(free, config.split.test_fraction, skip=classes_with_fixed_test)
-        for index in _pick(free, targets, rng, min_rare=1 if _rare_class(everything) not in classes_with_fixed_test else 0):
-            split_of[index] = "test"
+        candidates = [groups[i] for i in free]
+        targets = _targets(candidates, config.split.test_fraction, skip=classes_with_fixed_test)
+        needs_rare = _rare_class(everything) not in classes_with_fixed_test
+        for position in _pick(candidates, targets, rng, min_rare=int(needs_rare), keep_rare_groups=2):
+            split_of[free[position]] = "test"
     for index, group in enumerate(groups):
         if group.fixed == "test":
             split_of[index] = "test"
@@ -108,8 +110,9 @@ def _groups(records: list[Record], n_main: int) -> list[_Group]:
     """One group per patient (or per image when patients are unknown), in a deterministic order."""
     by_key: dict[tuple, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
-        source = "main" if index < n_main else "test"
-        key = (source, "patient", record.patient) if record.patient else (source, "image", index)
+        # One key per patient across --data and --test-data: a patient in the test folder takes their
+        # images in the main data to test too.
+        key = ("patient", record.patient) if record.patient else ("image", index)
         by_key[key].append(index)
     groups = []
     for members in sorted(by_key.values(), key=lambda m: min((records[i].root.as_posix(), records[i].rel_path) for i in m)):
@@ -130,7 +133,7 @@ def _targets(groups: list[_Group], fraction: float, skip: set[str] = frozenset()
     return {cls: (0.0 if cls in skip else fraction * total) for cls, total in totals.items()}
 
 
-def _pick(groups: list[_Group], targets: dict[str, float], rng, min_rare: int = 0) -> list[int]:
+def _pick(groups: list[_Group], targets: dict[str, float], rng, min_rare: int = 0, keep_rare_groups: int = 1) -> list[int]:
     """Greedy: visit groups in a seeded order, rare-holding groups first, and take a group when it brings
     the held-out counts closer to every class's target (deviations weighted by 1/target, so the rare
     class counts as much as a large one)."""
@@ -150,8 +153,8 @@ def _pick(groups: list[_Group], targets: dict[str, float], rng, min_rare: int = 
             held, current = trial, trial_cost
     if min_rare and not any(groups[i].rare for i in chosen):
         rare_groups = [i for i in order if groups[i].rare]
-        # Never take the last rare group: training needs rare images too.
-        if len(rare_groups) >= 3:
+        # Leave `keep_rare_groups` rare groups behind: the later splits need rare images too.
+        if len(rare_groups) > keep_rare_groups:
             chosen.append(min(rare_groups, key=lambda i: len(groups[i].members)))
     return chosen
 

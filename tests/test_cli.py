@@ -161,3 +161,48 @@ def test_every_package_is_listed_for_installation():
                for p in (root / top).rglob("*") if p.is_dir() and any(p.glob("*.py")) and "__pycache__" not in p.parts}
     assert folders <= found, "a folder of modules without __init__.py"
     assert re.search(r"rareaug\.recipes", (root / "pyproject.toml").read_text())
+
+
+def test_inspect_warns_when_val_has_no_rare_image_and_when_negatives_are_missing(invoke, tmp_path):
+    root = tmp_path / "data"
+    for i in range(8):
+        write_image(root / "crack" / f"{i}.png")
+    code, out, err = invoke("inspect", "--json", "--data", root, "--rare", "crack")
+    assert code == 0, err
+    assert any("no negative images" in w for w in json.loads(out)["warnings"])
+    for i in range(12):
+        write_image(root / "normal" / f"{i}.png")
+    code, out, err = invoke("inspect", "--json", "--data", root, "--rare", "crack", "--max-rare", "1")
+    warnings = json.loads(out)["warnings"]
+    assert any("no rare image in val" in w for w in warnings)
+
+
+def test_data_json_keeps_no_file_name_from_problem_reasons(invoke, tmp_path):
+    root = tmp_path / "data"
+    for i in range(8):
+        write_image(root / "crack" / f"{i}.png")
+        write_image(root / "normal" / f"{i}.png")
+    (root / "crack" / "MRN_998877_Doe.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    code, out, err = invoke("inspect", "--data", root, "--rare", "crack", "--run", run)
+    assert code == 0, err
+    text = (run / "data.json").read_text()
+    assert "MRN" not in text and "Doe" not in text and str(root) not in text
+    assert '"kind": "unreadable image"' in text
+
+
+@pytest.mark.parametrize("case", ["run_is_a_file", "latin1_csv", "not_mvtec", "generate_without_run"])
+def test_odd_inputs_end_in_one_line(invoke, tmp_path, folder_data, case):
+    if case == "run_is_a_file":
+        (tmp_path / "run").write_text("x")
+        err = one_line_error(invoke, "inspect", "--data", folder_data, "--rare", "crack", "--run", tmp_path / "run")
+        assert "is a file" in err
+    elif case == "latin1_csv":
+        table = tmp_path / "labels.csv"
+        table.write_bytes("path,label\ncafé.png,x\n".encode("latin-1"))
+        assert "UTF-8" in one_line_error(invoke, "inspect", "--data", table)
+    elif case == "not_mvtec":
+        assert "MVTec" in one_line_error(invoke, "inspect", "--data", folder_data, "--layout", "mvtec")
+    else:
+        err = one_line_error(invoke, "generate", "--run", tmp_path / "nowhere", "--n", "2")
+        assert "split.csv does not exist" in err and "rareaug fit" in err

@@ -322,12 +322,17 @@ def test_multiframe_other_frame_differs() -> None:
     assert np.all(np.diff(second.pixels[0].ravel()[order]) >= 0)
 
 
-@pytest.mark.parametrize(("name", "frame"), [("emri_small.dcm", 10), ("emri_small.dcm", -1), ("CT_small.dcm", 1)])
+@pytest.mark.parametrize(("name", "frame"), [("emri_small.dcm", 10), ("emri_small.dcm", -1), ("CT_small.dcm", -1)])
 def test_frame_out_of_range(name: str, frame: int) -> None:
     """A frame the file does not have is a DecodeError naming the frame count, never an IndexError."""
     path = _testdata(name)
     message = _error_message(path, frame=frame)
     assert str(path) in message and f"frame {frame}" in message
+
+
+def test_single_frame_file_ignores_a_frame_choice() -> None:
+    """--frame picks frames of multi-frame files; a single-frame file in the same folder keeps its one frame."""
+    assert np.array_equal(decode(_testdata("CT_small.dcm"), frame=3).pixels, _decoded("CT_small.dcm").pixels)
 
 
 def test_patient_id_is_read_raw(tmp_path: Path) -> None:

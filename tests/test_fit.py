@@ -106,8 +106,10 @@ def test_resume_after_interruption_gives_the_same_weights(invoke, folder_data, t
     done_before = {r["image_id"] for r in read_csv(resumed / "index.csv")}
     assert len(done_before) == 3  # the first chunk finished
     monkeypatch.setattr(fit_module._Progress, "advance", original)
-    code, out, err = invoke(*fit_args(folder_data, tmp_path / "resumed", *extra))
+    # Resumed without --batch-size: the default (sized to the device) must not change the chunking.
+    code, out, err = invoke(*fit_args(folder_data, tmp_path / "resumed", "--seed", "3"))
     assert code == 0, err
+    assert not list((resumed / "checkpoints").iterdir())
     for path in (tmp_path / "straight" / "loras" / "loft").glob("*.safetensors"):
         a, b = load_file(path), load_file(resumed / path.name)
         assert all(torch.equal(a[k], b[k]) for k in a), path.name
@@ -139,6 +141,12 @@ def test_class_methods_write_their_files(invoke, folder_data, tmp_path, method):
         heads = [r["image_id"] for r in index]
         assert len(heads) >= 2
         mixed = export_mix(out / "crack.safetensors", {heads[0]: 0.5, heads[1]: 0.5}, tmp_path / "mix.safetensors")
+        code, _, err = invoke("export-mix", "--run", run, "--heads", f"{heads[0]}=0.5,{heads[1]}=0.5",
+                              "--out", tmp_path / "cli-mix.safetensors")
+        assert code == 0, err
+        assert load_file(tmp_path / "cli-mix.safetensors").keys() == load_file(mixed).keys()
+        code, _, err = invoke("export-mix", "--run", run, "--heads", "r9999=1", "--out", tmp_path / "x.safetensors")
+        assert code == 2 and "r9999" in err
         factors = from_diffusers_state(load_file(mixed))
         whole = load_file(out / "crack.safetensors")
         key = next(k for k in whole if k.endswith(".B"))

@@ -307,3 +307,54 @@ def test_datadream_with_text_encoder_lora_equals_diffusers(invoke, run):
     without = pipe(maker.prompt, height=64, width=64, num_inference_steps=3, guidance_scale=2.0,
                    generator=torch.Generator().manual_seed(1), output_type="latent").images
     assert (with_lora - without).abs().max() > 0.05
+
+
+def test_a_slot_waiting_for_its_retry_when_interrupted_is_filled_first(invoke, run, fitted, tmp_path, monkeypatch):
+    """Nesting survives interruptions: the first n kept images never depend on the pool's history."""
+    original = stage._ImageMaker.render
+    calls = {"n": 0, "stop_at": None}
+
+    def copy_on_first_attempt_of_slot_1(self, batch):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            raise KeyboardInterrupt
+        images = original(self, batch)
+        for k, (slot, attempt) in enumerate(batch):
+            if slot == 1 and attempt == 0:
+                images[k] = self.reals[0]
+        return images
+
+    monkeypatch.setattr(stage._ImageMaker, "render", copy_on_first_attempt_of_slot_1)
+    args = ("--steps", "3", "--batch-size", "3", "--guard-threshold", "0.05")
+    straight = shutil.copytree(fitted, tmp_path / "straight")
+    assert invoke("generate", "--run", straight, "--n", "6", *args)[0] == 0
+    expected = [r["pool_index"] for r in manifest(straight / "synthetic" / "loft-l0.5-g2-s3") if r["kept"] == "1"]
+    assert expected == ["0", "1", "2", "3", "4", "5"]
+
+    calls.update(n=0, stop_at=2)  # stop while slot 1 waits for its second attempt
+    assert invoke("generate", "--run", run, "--n", "8", *args)[0] == 130
+    calls.update(n=0, stop_at=None)
+    assert invoke("generate", "--run", run, "--n", "6", *args)[0] == 0
+    kept = [r["pool_index"] for r in manifest(run / "synthetic" / "loft-l0.5-g2-s3") if r["kept"] == "1"]
+    assert kept[:6] == expected
+
+
+def test_guard_gives_up_when_everything_looks_like_a_copy(invoke, run, monkeypatch):
+    monkeypatch.setattr(stage, "MAX_REJECTED_IN_A_ROW", 3)
+    code, _, err = invoke("generate", "--run", run, "--n", "4", "--steps", "3", "--batch-size", "2",
+                          "--guard-threshold", "2.0")  # 1 - SSIM never reaches 2: everything is "a copy"
+    assert code == 2 and "in a row" in err and "--guard-threshold" in err and len(err.strip().splitlines()) == 1
+
+
+def test_loras_fitted_on_other_layers_sample_on_those_layers(invoke, folder_data, tmp_path):
+    recipe = tmp_path / "qv.yaml"
+    recipe.write_text("fit:\n  targets: to_q,to_v\nrecipe:\n  resolution: 64\n")
+    run = tmp_path / "run"
+    code, _, err = invoke("fit", "--data", folder_data, "--rare", "crack", "--run", run, "--config", recipe,
+                          "--base-model", "tiny", "--steps", "2")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    assert all(".to_k." not in key for key in load_file(next((run / "loras" / "loft").glob("*.safetensors"))))
+    code, _, err = invoke("generate", "--run", run, "--n", "2", *FAST)
+    assert code == 0, err

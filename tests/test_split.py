@@ -110,3 +110,49 @@ def test_split_csv_columns_and_data_json_hold_no_paths(invoke, folder_data, tmp_
 def test_bad_fractions_are_one_line_errors(invoke, folder_data, fraction):
     code, _, err = invoke("inspect", "--data", folder_data, "--rare", "crack", "--test-fraction", fraction)
     assert code == 2 and "--test-fraction" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_layouts_fixed_train_images_never_go_to_test(tmp_path):
+    """Groups the layout fixes (MVTec train/good) sort before the free ones here: indices must not mix."""
+    from pathlib import Path
+
+    from data_adapters import Record
+
+    root = Path(tmp_path)
+    records = [Record(root / f"a_good/{i}.png", root, "good", fixed_split="trainval", cls="good") for i in range(10)]
+    records += [Record(root / f"b_test_good/{i}.png", root, "good", fixed_split="test", cls="good") for i in range(4)]
+    records += [Record(root / f"c_defect/{i}.png", root, "defect", cls="defect", is_rare=True) for i in range(10)]
+    config = build_config(None, {"data.rare": "defect"})
+    rows = {row.path: row for row in make_split(records, [], config)}
+    assert all(rows[f"a_good/{i}.png"].split in ("train", "val") for i in range(10))
+    assert all(rows[f"b_test_good/{i}.png"].split == "test" for i in range(4))
+    assert sum(rows[f"c_defect/{i}.png"].split == "test" for i in range(10)) == 2
+
+
+def test_a_patient_in_the_test_folder_takes_their_main_images_to_test(tmp_path):
+    from pathlib import Path
+
+    from data_adapters import Record
+
+    root = Path(tmp_path)
+    main = [Record(root / f"m/{i}.png", root, "x", patient=f"p{i % 6}", cls="x", is_rare=i % 2 == 0) for i in range(24)]
+    held = [Record(root / f"t/{i}.png", root, "x", patient="p3", cls="x") for i in range(2)]
+    rows = make_split(main, held, build_config(None, {}))
+    by_group = {}
+    for row in rows:
+        by_group.setdefault(row.group, set()).add(row.split)
+    assert all(len(splits) == 1 for splits in by_group.values())
+
+
+def test_rare_images_of_few_patients_still_reach_val_and_test(tmp_path):
+    """Three rare patients: one each for test, val and train, rather than none in val or test."""
+    from pathlib import Path
+
+    from data_adapters import Record
+
+    root = Path(tmp_path)
+    records = [Record(root / f"r/{i}.png", root, "x", patient=f"p{i % 3}", cls="x", is_rare=True) for i in range(9)]
+    records += [Record(root / f"n/{i}.png", root, "n", patient=f"q{i}", cls="n") for i in range(20)]
+    rows = make_split(records, [], build_config(None, {}))
+    splits = {row.split for row in rows if row.rare}
+    assert splits == {"train", "val", "test"}

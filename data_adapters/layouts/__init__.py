@@ -33,7 +33,7 @@ def detect_layout(root: Path) -> str:
 def scan(root: Path, layout: str | None = None) -> Scan:
     """Find every candidate image under `root` (nothing decoded yet)."""
     if not root.exists():
-        raise DataError(f"{root}: does not exist; pass --data with the folder that holds your images")
+        raise DataError(f"{root}: does not exist; give the folder (or CSV file) that holds your images")
     if layout is None:
         layout = detect_layout(root)
     if layout not in LAYOUTS:

@@ -20,10 +20,11 @@ def scan(root: Path) -> Scan:
         for path in image_files(folder)
     ]
     problems = [
-        Problem(path.relative_to(root).as_posix(), "image outside any class folder; move it into root/<class>/")
+        Problem(path.relative_to(root).as_posix(), "image outside any class folder; move it into root/<class>/",
+                "outside class folders")
         for path in sorted(root.iterdir())
         if path.is_file() and not path.name.startswith(".") and is_image_file(path)
     ]
     if not records and not visible_files(root):
-        problems.append(Problem(".", "the folder is empty"))
+        problems.append(Problem(".", "the folder is empty", "empty folder"))
     return Scan(layout="folder", root=root, records=records, problems=problems)

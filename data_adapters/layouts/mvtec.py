@@ -20,9 +20,11 @@ def detect(root: Path) -> bool:
 def _category(root: Path) -> Path:
     if _is_category(root):
         return root
-    categories = [sub for sub in subfolders(root) if _is_category(sub)]
+    categories = [sub for sub in subfolders(root) if _is_category(sub)] if root.is_dir() else []
     if len(categories) == 1:
         return categories[0]
+    if not categories:
+        raise DataError(f"{root}: not an MVTec AD category (no train/good and test/ folders); check --data or --layout")
     names = ", ".join(sub.name for sub in categories)
     raise DataError(f"{root}: holds several MVTec categories ({names}); point --data at one, e.g. {categories[0]}")
 

@@ -2,11 +2,10 @@
 `Patient ID`; images under `images*/` or the root; `train_val_list.txt` / `test_list.txt` respected."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from ..records import DataError, Problem, Record, Scan
-from .common import visible_files
+from .common import read_table, visible_files
 
 ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 NORMAL = "No Finding"
@@ -37,27 +36,27 @@ def scan(root: Path) -> Scan:
     test_names, trainval_names = _read_list(root / "test_list.txt"), _read_list(root / "train_val_list.txt")
 
     records, problems = [], []
-    with open(entry, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"Image Index", "Finding Labels", "Patient ID"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{entry}: missing column(s) {', '.join(sorted(missing))}; is this the NIH data entry CSV?")
-        for row_number, row in enumerate(reader, start=2):
-            name, labels = row["Image Index"].strip(), row["Finding Labels"].strip()
-            if name not in by_name:
-                problems.append(Problem(f"{entry.name}:{row_number}", f"image {name} listed but not found under images*/"))
-                continue
-            findings = tuple(label.strip() for label in labels.split("|") if label.strip()) or (NORMAL,)
-            fixed = "test" if name in test_names else ("trainval" if name in trainval_names else None)
-            records.append(
-                Record(
-                    path=by_name[name],
-                    root=root,
-                    label="|".join(findings),
-                    findings=findings,
-                    patient=row["Patient ID"].strip() or None,
-                    fixed_split=fixed,
-                )
+    reader = read_table(entry)
+    missing = {"Image Index", "Finding Labels", "Patient ID"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(f"{entry}: missing column(s) {', '.join(sorted(missing))}; is this the NIH data entry CSV?")
+    for row_number, row in enumerate(reader, start=2):
+        name, labels = row["Image Index"].strip(), row["Finding Labels"].strip()
+        if name not in by_name:
+            problems.append(Problem(f"{entry.name}:{row_number}", f"image {name} listed but not found under images*/",
+                                    "listed file missing"))
+            continue
+        findings = tuple(label.strip() for label in labels.split("|") if label.strip()) or (NORMAL,)
+        fixed = "test" if name in test_names else ("trainval" if name in trainval_names else None)
+        records.append(
+            Record(
+                path=by_name[name],
+                root=root,
+                label="|".join(findings),
+                findings=findings,
+                patient=row["Patient ID"].strip() or None,
+                fixed_split=fixed,
             )
+        )
     return Scan(layout="nih-cxr14", root=root, records=records, problems=problems, normal_classes=(NORMAL,),
                 patients_known=True)

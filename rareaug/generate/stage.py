@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import __version__
 from ..config import Config
 from ..errors import RareaugError
-from ..fit import finished_units, resolve_device, safe_name
+from ..fit import finished_units, model_label, resolve_device, safe_name
 from ..images import model_input
 from ..io import atomic_write_json
 from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
@@ -33,6 +33,7 @@ from .manifest import Manifest, image_file, kept_rows, save_png
 from .sampler import BankSampler, SampleRequest
 
 LORA_METHODS = ("loft", "datadream", "chimera")
+MAX_REJECTED_IN_A_ROW = 20  # slots rejected one after another: the threshold does not fit, or the LoRAs copy
 
 
 @dataclasses.dataclass
@@ -74,8 +75,11 @@ def source_rows(rows: list[SplitRow], folds: int, fold: int | None) -> list[Spli
         if folds > 1:
             raise RareaugError(f"this run's split has {folds} folds: pass --fold F (0..{folds - 1})")
         return [row for row in rows if row.rare and row.split == "train"]
+    if folds == 1:
+        raise RareaugError("--fold: this run's split has no folds (made with --folds 1); drop --fold, or make a "
+                           "new run with --folds K")
     if not 0 <= fold < folds:
-        raise RareaugError(f"--fold {fold} is out of range: this run's split has {folds} fold(s)")
+        raise RareaugError(f"--fold {fold} is out of range: this run's split has {folds} folds (0..{folds - 1})")
     return [row for row in rows if row.rare and row.split != "test" and row.fold != fold]
 
 
@@ -101,15 +105,21 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     fit_stage = _fit_stage(run, gen.method)
     config = _with_fit_settings(config, fit_stage)
     recorded = dataclasses.replace(config, generate=dataclasses.replace(gen, n=None, ratio=None, batch_size=None))
-    run.write_stage_config("generate", variant, recorded, force=force)
+    start_over = run.check_stage_config("generate", variant, recorded, force=force)
     folder = run.path / "synthetic" / variant
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(folder)
 
-    # 2. What is there already: a pool that holds enough kept images is reused as it is.
+    # 2. What is there already: a pool that holds enough kept images is reused as it is. Slots missing
+    #    below the last recorded one (a run stopped while they waited for a retry) are filled first, so
+    #    the pool's first images never depend on its history.
+    if start_over:
+        _clear_pool(folder)  # --force with a new config: images of the old one must not mix in
     done = manifest.rows()
     kept = len(kept_rows(done))
-    if kept >= target:
+    done_slots = {int(row["pool_index"]) for row in done}
+    gaps = [slot for slot in range(max(done_slots, default=-1) + 1) if slot not in done_slots]
+    if kept >= target and not gaps:
         manifest.merge()
         console.print(f"generate {variant}: the pool already holds {kept} kept image(s) (asked {target}) in {folder}")
         return GenerateResult(variant, folder, kept, _rejected(done), 0, 0, None)
@@ -118,13 +128,14 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     device = resolve_device(config.device)
     maker = _ImageMaker(config, run, sources, variant, device, console)
     guard = Guard(maker.reals, [row.id for row in sources], gen.guard_distance, gen.guard_threshold, device)
+    run.write_stage_config("generate", variant, recorded)
 
-    # 4. Fill the pool: slots in order, rejected attempts retried first.
-    done_slots = {int(row["pool_index"]) for row in done}
+    # 4. Fill the pool: gaps and rejected attempts first, then new slots in order.
+    done_slots |= set(gaps)
     next_slot = 0
-    retry: collections.deque = collections.deque()
-    pending = 0  # slots scheduled whose outcome is not yet known
-    made = rejected_attempts = 0
+    retry: collections.deque = collections.deque((slot, 0) for slot in gaps)
+    pending = len(gaps)  # slots scheduled whose outcome is not yet known
+    made = rejected_attempts = rejected_in_a_row = 0
     batch_size = gen.batch_size or _default_batch_size(device, maker.resolution)
     progress = Progress(TextColumn(f"generate {variant}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn(), console=console)
@@ -154,6 +165,7 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
                 pending -= 1
                 if copy_like:
                     rejected_attempts += 1
+                    rejected_in_a_row += 1
                     new_rows.append(maker.row(slot, attempt, near, distance, kept=False,
                                               reason=f"memorization: within {guard.threshold:.4f} of a real image "
                                                      f"in all {gen.max_attempts} attempts"))
@@ -162,7 +174,13 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
                 new_rows.append(maker.row(slot, attempt, near, distance, kept=True, reason=""))
                 kept += 1
                 made += 1
+                rejected_in_a_row = 0
             manifest.add(new_rows)
+            if rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
+                raise RareaugError(
+                    f"{rejected_in_a_row} pool slots in a row were rejected as near-copies of real images (guard "
+                    f"threshold {guard.threshold:.4f}, calibrated on the real images); see {folder}/manifest.part-0.csv. "
+                    "If they are not copies, set --guard-threshold lower; --no-guard turns the guard off")
             rate = made / (time.perf_counter() - started)
             progress.update(task, completed=kept, rate=f"{rate:.2f}")
     seconds = time.perf_counter() - started
@@ -182,6 +200,12 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
                   f"(threshold {guard.threshold:.4f}) -> {folder}"
                   + (" [tiny test model: not a real model]" if maker.is_tiny else ""))
     return result
+
+
+def _clear_pool(folder: Path) -> None:
+    for pattern in ("s*.png", "manifest*.csv", "summary.json"):
+        for path in folder.glob(pattern):
+            path.unlink()
 
 
 def _rejected(rows: list[dict]) -> int:
@@ -212,7 +236,8 @@ def _with_fit_settings(config: Config, fit_stage: dict | None) -> Config:
         raise RareaugError(f"--base-model {gen.base_model}: the {gen.method} LoRAs were fitted on {base}; "
                            "sample on the model they were trained on")
     recipe = dataclasses.replace(config.recipe, resolution=fit_stage["recipe"]["resolution"])
-    return dataclasses.replace(config, recipe=recipe, generate=dataclasses.replace(gen, base_model=base))
+    fit = dataclasses.replace(config.fit, targets=fit_stage["fit"]["targets"], base_model=base)
+    return dataclasses.replace(config, recipe=recipe, fit=fit, generate=dataclasses.replace(gen, base_model=base))
 
 
 def _default_batch_size(device: torch.device, resolution: int) -> int:
@@ -232,7 +257,7 @@ class _ImageMaker:
         self.prompt = recipe.prompt.replace("{class}", self.cls)
         self.source_ids = [row.id for row in sources]
         self.reals = torch.stack([model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop,
-                                              row.abs_mask) for row in sources]) / 2 + 0.5
+                                              row.abs_mask, config.data.frame) for row in sources]) / 2 + 0.5
         self.grayscale = all(_is_gray(row) for row in sources)
         self.seed = config.seed
         self.base_name, self.base_hash, self.is_tiny = "none", "", False
@@ -247,9 +272,10 @@ class _ImageMaker:
             torch.float16 if device.type == "cuda" else torch.float32)
         base_spec = gen.base_model or config.fit.base_model
         base = load_base_model(base_spec, device=device, dtype=amp)
-        self.base_name, self.is_tiny = base_spec, base.is_tiny
+        self.base_name, self.is_tiny = model_label(base_spec), base.is_tiny
         self.base_hash = base.weights_hash  # before LoRA layers are installed
         self.text_bank = None
+        self.targets = tuple(config.fit.targets.split(","))  # the layers the LoRAs were fitted on
         bank = self._bank(base, run, gen.method)
         self.sampler = BankSampler(base, bank, self.prompt, gen.guidance, gen.steps, gen.scheduler, device,
                                    recipe.resolution, text_bank=self.text_bank)
@@ -261,7 +287,8 @@ class _ImageMaker:
             self.plan = plans.NoAdapter()
             return None
         if method == "chimera":
-            bank, heads = bank_from_chimera_file(base.unet, folder / f"{safe_name(self.cls)}.safetensors")
+            bank, heads = bank_from_chimera_file(base.unet, folder / f"{safe_name(self.cls)}.safetensors",
+                                                 self.targets)
             allowed = [head for head in heads if head in self.source_ids]
             self.slot_of = {head: slot for slot, head in enumerate(heads)}
             self.plan = plans.ChimeraMix(allowed, self.seed, gen.k, gen.dirichlet_alpha)
@@ -278,7 +305,7 @@ class _ImageMaker:
         paths = [folder / f"{safe_name(unit)}.safetensors" for unit in ids]
         if method == "datadream":
             self.text_bank = bank_from_lora_files(base.text_encoder, paths, prefix=TEXT_PREFIX)
-        return bank_from_lora_files(base.unet, paths)
+        return bank_from_lora_files(base.unet, paths, self.targets)
 
     def render(self, batch: list[tuple[int, int]]) -> torch.Tensor:
         """Images (n, 3, H, W) in [0, 1] for (slot, attempt) pairs; each alone would come out the same."""

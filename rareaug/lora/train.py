@@ -216,7 +216,7 @@ class JobRunner:
 
     def _save(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators, state) -> None:
         content = {
-            "key": job.key, "units": job.units, "state": state,
+            "key": job.key, "units": job.units, "state": state, "slots": (self.bank.n_a, self.bank.n_b),
             "bank": _factors(self.bank), "text_bank": _factors(self.text_bank),
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
@@ -226,7 +226,8 @@ class JobRunner:
 
     def _restore(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators) -> dict:
         content = torch.load(path, map_location="cpu", weights_only=False)
-        if content["key"] != job.key or content["units"] != job.units:
+        if (content["key"] != job.key or content["units"] != job.units
+                or tuple(content.get("slots", ())) != (self.bank.n_a, self.bank.n_b)):  # another bank size: start over
             return {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}
         _load_factors(self.bank, content["bank"])
         _load_factors(self.text_bank, content["text_bank"])
