@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from rareaug.config import FitConfig  # noqa: E402
 from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank  # noqa: E402
 from rareaug.lora.train import Job, JobRunner, TrainData, amp_settings  # noqa: E402
 
-from common import device_name, emit, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
+from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
 import common  # noqa: E402
 
 
@@ -216,10 +215,7 @@ def main() -> None:
                "minutes_for_50_images_x_600_steps": 50 * 600 / best["adapter_steps_per_s"] / 60,
                "target": {"adapter_steps_per_s": 150, "speedup": 15, "fits_24gb": True},
                "fits_24gb": checkpointed["peak_gib"] is not None and checkpointed["peak_gib"] < 22.0}
-    emit(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    finish(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import device_name, emit, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
+from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
 import common  # noqa: E402
 
 from rareaug.generate import plans  # noqa: E402
@@ -177,10 +176,7 @@ def main() -> None:
                "speedup_vs_reference": best["images_per_s"] / reference["images_per_s"],
                "minutes_for_1000_images": 1000 / best["images_per_s"] / 60,
                "target": {"images_per_s": 5.0}}
-    emit(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    finish(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,11 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def finish(summary: dict, out: Path | None) -> None:
+    """Print the summary line and write it where --out says."""
+    emit(summary)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
