@@ -112,6 +112,30 @@ class GenerateConfig:
 GENERATE_METHODS = ("loft", "datadream", "chimera", "classprompt", "classic")
 
 
+@dataclasses.dataclass
+class SweepConfig:
+    """The ratio grid. Every cell trains for the same number of optimizer steps, whatever its data."""
+
+    ratios: str = "0,0.5,1,2,4,10,20"
+    methods: str = "loft"
+    models: str = "resnet18"  # comma-separated; tiny-<name> builds the tiny test version
+    seeds: int = 3
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    pretrained: bool = True
+    weights: str | None = None  # a local ImageNet checkpoint for the ResNets
+    clip_model: str | None = None  # a local CLIP folder
+    pos_weight: str = "train"  # train: negatives/positives of the cell's own training set; real: of the real data
+    threshold_rule: str = "max_f1"  # or "sensitivity" with target_sensitivity
+    target_sensitivity: float | None = None
+    eval_every: int | None = None  # validation-loss checks; default steps // 10
+    bootstrap: int = 1000
+    executor: str = "local"
+    generate_steps: int | None = None  # sampling steps for pools made on demand (default: generate's)
+
+
 # The reference recipes (ANCHORS.md); alpha defaults to the rank (scale 1), as in LoFT's rank 2 / alpha 2.
 # Chimera has no public code: its rank, steps and images per step are our choice.
 METHOD_DEFAULTS = {
@@ -131,6 +155,7 @@ class Config:
     recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,6 +293,29 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--guard-distance {gen.guard_distance!r} is unknown; use ssim or lpips")
     if gen.ratio is not None and gen.ratio < 0:
         raise RareaugError(f"--ratio must be 0 or more, got {gen.ratio}")
+
+
+    sweep = config.sweep
+    try:
+        ratios = parse_ratios(sweep.ratios)
+    except ValueError:
+        raise RareaugError(f"--ratios {sweep.ratios!r}: give numbers separated by commas, e.g. 0,0.5,1,2,4") from None
+    if any(r < 0 for r in ratios):
+        raise RareaugError(f"--ratios must be 0 or more, got {sweep.ratios}")
+    if sweep.pos_weight not in ("train", "real"):
+        raise RareaugError(f"--pos-weight {sweep.pos_weight!r} is unknown; use train or real")
+    if sweep.executor != "local":
+        raise RareaugError(f"--executor {sweep.executor!r} is not available; use local")
+    if sweep.threshold_rule not in ("max_f1", "sensitivity") or (
+            sweep.threshold_rule == "sensitivity" and not sweep.target_sensitivity):
+        raise RareaugError("threshold rule: max_f1, or sensitivity with target_sensitivity in (0, 1]")
+    for name in ("seeds", "steps", "batch_size", "bootstrap"):
+        if getattr(sweep, name) < 1:
+            raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(sweep, name)}")
+
+
+def parse_ratios(text: str) -> list[float]:
+    return sorted({float(part) for part in text.split(",") if part.strip()})
 
 
 def resolved_fit(config: Config) -> FitConfig:

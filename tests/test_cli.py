@@ -33,7 +33,7 @@ def test_version_and_module_entry_point():
     assert result.returncode == 0 and __version__ in result.stdout
 
 
-@pytest.mark.parametrize("command", ["sweep-ratio", "report"])
+@pytest.mark.parametrize("command", ["report"])
 def test_commands_not_built_yet_say_so(invoke, command):
     err = one_line_error(invoke, command, "--run", "somewhere", "--data", "x")
     assert "not built yet" in err

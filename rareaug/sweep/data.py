@@ -1,0 +1,72 @@
+"""What one sweep cell trains and evaluates on: real images from the frozen split plus a prefix of a
+synthetic pool, decoded once per sweep and kept as uint8 (a few hundred KB an image at 224 px)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import RecipeConfig
+from ..images import model_input
+from ..split import SplitRow
+
+
+@dataclasses.dataclass
+class Example:
+    id: str
+    label: int  # 1 = rare
+    path: Path
+    mask: Path | None = None
+    group: str = ""  # patient hash, for grouped bootstrap intervals
+    synthetic: bool = False
+
+
+@dataclasses.dataclass
+class CellData:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+    @property
+    def n_real_rare(self) -> int:
+        return sum(e.label for e in self.train if not e.synthetic)
+
+    @property
+    def n_synth(self) -> int:
+        return sum(e.synthetic for e in self.train)
+
+
+def real_example(row: SplitRow) -> Example:
+    return Example(row.id, int(row.rare), row.abs_path, row.abs_mask, row.group)
+
+
+def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Example]) -> CellData:
+    """K = 1: train / val / test as split. K > 1: fold `fold` validates, the other folds train."""
+    test = [real_example(r) for r in rows if r.split == "test"]
+    if folds > 1:
+        train = [real_example(r) for r in rows if r.split != "test" and r.fold != fold]
+        val = [real_example(r) for r in rows if r.split != "test" and r.fold == fold]
+    else:
+        train = [real_example(r) for r in rows if r.split == "train"]
+        val = [real_example(r) for r in rows if r.split == "val"]
+    return CellData(train + synthetic, val, test)
+
+
+class ImageCache:
+    """Decoded, cropped and resized images, 3 channels, uint8; grayscale repeated to three."""
+
+    def __init__(self, recipe: RecipeConfig, size: int, frame: int = 0):
+        self.recipe, self.size, self.frame = recipe, size, frame
+        self._images: dict[Path, torch.Tensor] = {}
+
+    def get(self, example: Example) -> torch.Tensor:
+        if example.path not in self._images:
+            pixels = model_input(example.path, self.size, self.recipe.crop, self.recipe.fallback_crop, example.mask,
+                                 self.frame)
+            self._images[example.path] = ((pixels / 2 + 0.5) * 255).round().to(torch.uint8)
+        return self._images[example.path]
+
+    def batch(self, examples: list[Example]) -> torch.Tensor:
+        """(n, 3, size, size) float in [0, 1]."""
+        return torch.stack([self.get(e) for e in examples]).float() / 255.0

@@ -1,0 +1,294 @@
+"""Rare-vs-rest metrics for the ratio sweep: a threshold picked on validation, point metrics, bootstrap intervals.
+
+Every metric comes from scikit-learn so the numbers match what a reader recomputes from the saved scores.
+Intervals resample whole patients when groups are known, because images of one patient are not independent
+and an image bootstrap would then make a ratio's gain look more certain than it is.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import (auc, average_precision_score, precision_recall_curve,
+                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+
+from ..errors import RareaugError
+
+METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
+RULES = ("max_f1", "sensitivity")
+FALLBACK_THRESHOLD = 0.5  # no positive in validation: nothing to tune on, so the natural probability cut-off
+MAX_FPR = 0.05  # specificity >= 0.95
+_TIE = 1e-12  # F1 values this close are a tie; floating noise must not decide the threshold
+
+# In a resample these are undefined without a positive (recall, F1, AP) or without both classes (ROC-based).
+_NEEDS_POS = {"recall", "f1", "pr_auc", "auroc", "sens_at_95spec"}
+_NEEDS_NEG = {"auroc", "sens_at_95spec"}
+
+
+def _arrays(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as 0/1 ints and scores as floats, refusing what would make a metric silently wrong."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=float)
+    if y.ndim != 1 or s.ndim != 1 or len(y) != len(s):
+        raise RareaugError(f"labels and scores must be 1-D and equally long (got shapes {y.shape} and {s.shape})")
+    if len(y) == 0:
+        raise RareaugError("no images to score: labels and scores are empty")
+    if not np.isin(y, (0, 1)).all():
+        raise RareaugError("labels must be 0 (rest) or 1 (rare); fix the label column")
+    if not np.isfinite(s).all():
+        raise RareaugError("scores contain NaN or infinity; fix the classifier output before computing metrics")
+    return y.astype(int), s
+
+
+def choose_threshold(labels, scores, rule: str = "max_f1", target_sensitivity: float | None = None) -> float:
+    """Pick the decision threshold from validation data only, so test metrics stay unbiased.
+
+    Args:
+        labels: Validation labels, 1 = rare.
+        scores: Validation scores; an image is called rare when its score >= the threshold.
+        rule: "max_f1" (the score threshold maximising F1; ties go to the higher, more conservative one) or
+            "sensitivity" (the highest threshold whose validation recall is >= target_sensitivity).
+        target_sensitivity: Required for rule="sensitivity", in (0, 1].
+
+    Returns:
+        The threshold, one of the validation scores; 0.5 when validation has no positive.
+    """
+    if rule not in RULES:
+        raise RareaugError(f"unknown threshold rule {rule!r}; use one of {', '.join(RULES)}")
+    if rule == "sensitivity" and (target_sensitivity is None or not 0 < target_sensitivity <= 1):
+        raise RareaugError(f"rule='sensitivity' needs target_sensitivity in (0, 1], got {target_sensitivity!r}")
+    y, s = _arrays(labels, scores)
+    if not y.any():
+        return FALLBACK_THRESHOLD
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    # The curve's last point (precision 1, recall 0) has no threshold; thresholds ascend.
+    precision, recall = precision[:-1], recall[:-1]
+    if rule == "sensitivity":
+        ok = recall >= target_sensitivity - _TIE
+        return float(thresholds[ok].max())  # the lowest score always reaches recall 1, so ok is never empty
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return float(thresholds[f1 >= f1.max() - _TIE].max())
+
+
+def _compute(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
+    """All METRICS on one set of images; AP/ROC ones are NaN when a class is missing (sklearn cannot define them)."""
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero_division=0 is the documented convention; no need to warn
+        p, r, f, _ = precision_recall_fscore_support(y, (s >= threshold).astype(int), average="binary",
+                                                     pos_label=1, zero_division=0, labels=[0, 1])
+    out.update(recall=float(r), precision=float(p), f1=float(f))
+    out["pr_auc"] = float(average_precision_score(y, s)) if y.any() else float("nan")
+    out["auroc"], out["sens_at_95spec"] = _roc_metrics(y, s)
+    if y.any() and (y == 0).any():
+        out["auroc"] = float(roc_auc_score(y, s))  # the reference call; _roc_metrics' auc is the same number
+    return {k: out[k] for k in METRICS}
+
+
+def _roc_metrics(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """AUROC and sensitivity at specificity >= 0.95 from one roc_curve; NaN unless both classes are present."""
+    if not (y.any() and (y == 0).any()):
+        return float("nan"), float("nan")
+    # drop_intermediate=False keeps every operating point, so the fpr <= 0.05 cut is exact.
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return float(auc(fpr, tpr)), float(tpr[fpr <= MAX_FPR + _TIE].max())  # auc(roc) is what roc_auc_score does
+
+
+def binary_metrics(labels, scores, threshold: float) -> dict[str, float | int]:
+    """Rare-vs-rest metrics at one threshold plus threshold-free ranking metrics.
+
+    Args:
+        labels: 1 = rare, 0 = rest.
+        scores: Classifier scores; predictions are scores >= threshold.
+        threshold: Usually from choose_threshold on validation; call with 0.5 for the untuned view.
+
+    Returns:
+        recall, precision, f1 (zero_division=0), pr_auc (average precision; NaN without a positive),
+        auroc and sens_at_95spec (NaN unless both classes are present), n_pos, n_neg.
+    """
+    y, s = _arrays(labels, scores)
+    out: dict[str, float | int] = dict(_compute(y, s, float(threshold)))
+    out["n_pos"] = int(y.sum())
+    out["n_neg"] = int(len(y) - y.sum())
+    return out
+
+
+def _group_ids(groups, n: int) -> np.ndarray:
+    """Integer cluster ids; an image without a group (None or "") is its own cluster, never pooled."""
+    if groups is None:
+        return np.arange(n)
+    g = list(groups)
+    if len(g) != n:
+        raise RareaugError(f"groups has {len(g)} entries but there are {n} images")
+    missing = [v is None or v == "" or (isinstance(v, float) and np.isnan(v)) for v in g]  # NaN: pandas' blank
+    keys = [("img", i) if m else ("grp", str(v)) for i, (v, m) in enumerate(zip(g, missing))]
+    index: dict = {}
+    return np.array([index.setdefault(k, len(index)) for k in keys])
+
+
+def _resamples(groups, n: int, n_boot: int, seed: int):
+    """Yield index arrays for each bootstrap resample: images, or whole groups when groups are given."""
+    gid = _group_ids(groups, n)
+    n_groups = int(gid.max()) + 1
+    rng = np.random.default_rng(seed)
+    everyone = np.arange(n)
+    for _ in range(n_boot):
+        # Drawing group counts then repeating members copies each drawn group whole, with no Python loop
+        # over groups; for ungrouped data this is the ordinary image bootstrap.
+        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        yield np.repeat(everyone, counts[gid])
+
+
+def _chunks(resamples, n: int):
+    """Group resamples so one sklearn call scores many at once while the padded matrices stay ~1M cells."""
+    size = max(2, 1_000_000 // max(n, 1))
+    chunk: list[np.ndarray] = []
+    for idx in resamples:
+        chunk.append(idx)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _draws(y: np.ndarray, s: np.ndarray, threshold: float, chunk: list[np.ndarray],
+           names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named metrics on each resample of a chunk, NaN where a resample cannot define them.
+
+    Precision, recall and F1 come from one multilabel sklearn call (a column per resample) because a binary
+    call per resample costs ~2 ms of input checks, which alone would blow the time budget. Cluster resamples
+    differ in length; the padding rows are true negatives scored below every real image, which changes
+    neither precision, recall, F1 nor average precision. ROC metrics do depend on negatives, so they are
+    computed per resample on the unpadded images.
+    """
+    k = len(chunk)
+    cols = chunk if k > 1 else chunk * 2  # a single column would be read as one binary target, not one label
+    lengths = np.array([len(idx) for idx in cols])
+    real = np.arange(lengths.max())[:, None] < lengths  # False on padding rows
+    ys = np.zeros(real.shape, dtype=int)
+    ss = np.full(real.shape, s.min() - 1.0)
+    for j, idx in enumerate(cols):
+        ys[: len(idx), j], ss[: len(idx), j] = y[idx], s[idx]
+    preds = ((ss >= threshold) & real).astype(int)  # a threshold may sit below the padding score
+
+    out: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined columns are blanked below; sklearn's warnings add nothing
+        if {"recall", "precision", "f1"} & set(names):
+            p, r, f, _ = precision_recall_fscore_support(ys, preds, average=None, zero_division=0)
+            out.update(recall=r, precision=p, f1=f)
+        if "pr_auc" in names:
+            out["pr_auc"] = np.asarray(average_precision_score(ys, ss, average=None), dtype=float)
+    if {"auroc", "sens_at_95spec"} & set(names):
+        roc = np.array([_roc_metrics(y[idx], s[idx]) for idx in chunk]).reshape(k, 2)
+        out.update(auroc=roc[:, 0], sens_at_95spec=roc[:, 1])
+
+    n_pos = ys.sum(axis=0)[:k]
+    n_neg = lengths[:k] - n_pos
+    n_pred = preds.sum(axis=0)[:k]
+    result = {}
+    for name in names:
+        v = np.asarray(out[name], dtype=float)[:k].copy()
+        undefined = np.zeros(k, dtype=bool)
+        if name in _NEEDS_POS:
+            undefined |= n_pos == 0
+        if name in _NEEDS_NEG:
+            undefined |= n_neg == 0
+        if name == "precision":
+            undefined |= n_pred == 0  # nothing called rare: precision is undefined, not 0
+        v[undefined] = np.nan
+        result[name] = v
+    return result
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def _check_boot(n_boot: int, level: float) -> None:
+    if n_boot < 1:
+        raise RareaugError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise RareaugError(f"level must be in (0, 1), got {level}")
+
+
+def bootstrap_intervals(labels, scores, threshold: float, groups=None, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals, so a sweep reports how much a test metric could move by chance.
+
+    Args:
+        labels: Test labels, 1 = rare.
+        scores: Test scores.
+        threshold: The fixed validation threshold; it is not re-tuned per resample.
+        groups: Optional cluster per image (e.g. patient hash); whole clusters are resampled. None or ""
+            makes an image its own cluster.
+        n_boot: Number of resamples.
+        seed: Seed for numpy's default_rng; the same seed gives the same intervals.
+        level: Coverage of the interval.
+
+    Returns:
+        metric -> (low, high) for recall, precision, f1, pr_auc, auroc, sens_at_95spec. Resamples where a
+        metric is undefined (no positive, no negative, nothing predicted rare for precision) are skipped;
+        (nan, nan) if none defines it.
+    """
+    _check_boot(n_boot, level)
+    y, s = _arrays(labels, scores)
+    threshold = float(threshold)
+    parts = [_draws(y, s, threshold, chunk, METRICS)
+             for chunk in _chunks(_resamples(groups, len(y), n_boot, seed), len(y))]
+    return {k: _percentiles(np.concatenate([p[k] for p in parts]), level) for k in METRICS}
+
+
+def paired_bootstrap_difference(labels, scores_a, threshold_a: float, scores_b, threshold_b: float,
+                                metric: str = "f1", groups=None, n_boot: int = 1000, seed: int = 0,
+                                level: float = 0.95) -> dict[str, float | bool]:
+    """Whether classifier b beats a on the same test images by more than resampling noise.
+
+    Both classifiers are scored on the same resamples, so image (or patient) difficulty cancels out and the
+    interval is far narrower than comparing two separate intervals.
+
+    Args:
+        labels: Test labels, 1 = rare.
+        scores_a: Baseline scores (e.g. ratio 0), with its validation threshold threshold_a.
+        scores_b: Candidate scores, with threshold_b.
+        metric: One of METRICS.
+        groups: Optional cluster per image, as in bootstrap_intervals.
+        n_boot: Number of resamples.
+        seed: Seed for numpy's default_rng.
+        level: Coverage of the interval.
+
+    Returns:
+        diff (metric(b) - metric(a) on all images), low, high, and distinguishable (the interval excludes 0).
+    """
+    if metric not in METRICS:
+        raise RareaugError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    _check_boot(n_boot, level)
+    y, sa = _arrays(labels, scores_a)
+    _, sb = _arrays(labels, scores_b)
+    ta, tb = float(threshold_a), float(threshold_b)
+    diff = _compute(y, sb, tb)[metric] - _compute(y, sa, ta)[metric]
+    parts = [_draws(y, sb, tb, chunk, [metric])[metric] - _draws(y, sa, ta, chunk, [metric])[metric]
+             for chunk in _chunks(_resamples(groups, len(y), n_boot, seed), len(y))]
+    low, high = _percentiles(np.concatenate(parts), level)
+    return {"diff": float(diff), "low": low, "high": high,
+            "distinguishable": bool(low > 0 or high < 0)}  # NaN bounds compare False: not distinguishable
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample SD over seeds or folds, ignoring NaN runs (e.g. a fold whose test had no positive).
+
+    Returns:
+        (mean, sd) with ddof=1; sd is 0 for a single value; (nan, nan) when nothing is left.
+    """
+    v = np.asarray(list(values), dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

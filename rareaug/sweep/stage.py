@@ -1,0 +1,376 @@
+"""`rareaug sweep-ratio`: classifiers trained on real + r x synthetic rare images, for every ratio, method,
+model, seed and fold; metrics on held-out real images with intervals; a ratio recommended on validation.
+
+The test split is never used for training, early stopping, thresholds or the recommendation. Ratio 0 is
+one shared baseline per (model, seed, fold), not one per method. Pools are nested, so ratio r's synthetic
+images are the first ones of ratio r' > r and the curve measures the amount, not the luck of the draw.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .. import __version__
+from ..config import GENERATE_METHODS, Config, parse_ratios
+from ..errors import RareaugError
+from ..fit import resolve_device
+from ..generate.manifest import Manifest, kept_rows
+from ..io import atomic_write_json, atomic_write_text
+from ..run_dir import RunDir, frozen_split
+from ..split import SplitRow
+from . import metrics as M
+from .classifiers import create_classifier, list_classifiers
+from .data import CellData, Example, ImageCache, cell_data, real_example
+from .diversity import diversity
+from .train import positive_weight, train_cell
+
+METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_synth", "n_train",
+                  "pos_weight_rule", "pos_weight", "threshold", "recall", "precision", "f1", "pr_auc", "auroc",
+                  "sens_at_95spec", "f1_ci_low", "f1_ci_high", "recall_ci_low", "recall_ci_high", "pr_auc_ci_low",
+                  "pr_auc_ci_high", "recall_at_0.5", "precision_at_0.5", "f1_at_0.5", "val_f1", "best_step",
+                  "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
+BASELINE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    method: str  # "none" for ratio 0
+    model: str
+    ratio: float
+    seed: int
+    fold: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.ratio:g}-{self.model}-s{self.seed}-f{self.fold}"
+
+
+def sweep(config: Config, given: set[str] = frozenset(), console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    sw = config.sweep
+    # 1. Check the grid before anything runs.
+    ratios = parse_ratios(sw.ratios)
+    methods = [m.strip() for m in sw.methods.split(",") if m.strip()]
+    models = [m.strip() for m in sw.models.split(",") if m.strip()]
+    for method in methods:
+        if method not in GENERATE_METHODS:
+            raise RareaugError(f"--methods {method!r} is unknown; choose from {', '.join(GENERATE_METHODS)}")
+    known = list_classifiers()
+    for model in models:
+        if model.removeprefix("tiny-") not in known:
+            raise RareaugError(f"--model {model!r} is unknown; choose from {', '.join(known)} (tiny-<name> for tests)")
+    rows, config, _ = frozen_split(config, given)
+    folds = config.split.folds
+    run = RunDir(config.run_dir())
+    out = run.path / "sweep"
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "predictions").mkdir(exist_ok=True)
+    run.write_stage_config("sweep", None, config)
+    device = resolve_device(config.device)
+
+    # 2. Synthetic pools, made on demand for the largest ratio once (smaller ratios take its first images).
+    pools = {}
+    if any(r > 0 for r in ratios):
+        for method in methods:
+            for fold in range(folds):
+                pools[method, fold] = synthetic_pool(config, rows, method, fold, max(ratios), console)
+
+    # 3. The cells: ratio 0 once per (model, seed, fold); every other ratio per method.
+    cells = []
+    for model in models:
+        for seed in range(sw.seeds):
+            for fold in range(folds):
+                if 0 in ratios:
+                    cells.append(Cell(BASELINE, model, 0.0, seed, fold))
+                cells += [Cell(method, model, r, seed, fold) for method in methods for r in ratios if r > 0]
+
+    # 4. Run them; each is skipped when its result exists under the same config hash.
+    split_hash = hashlib.sha256(run.split_csv.read_bytes()).hexdigest()[:16]
+    caches: dict[int, ImageCache] = {}
+    results, failed = [], []
+    progress = Progress(TextColumn("sweep-ratio"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[cell]}"),
+                        TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task("cells", total=len(cells), cell="")
+        for cell in cells:
+            progress.update(task, cell=cell.name)
+            synthetic = _prefix(pools, cell, rows, folds)
+            data = cell_data(rows, folds, cell.fold, synthetic)
+            key = _cell_hash(cell, config, split_hash, [e.id for e in synthetic])
+            marker = out / "cells" / f"{cell.name}.json"
+            if marker.exists() and json.loads(marker.read_text()).get("hash") == key:
+                results.append(json.loads(marker.read_text())["row"])
+                progress.advance(task)
+                continue
+            try:
+                row = run_cell(cell, data, config, caches, device, out)
+            except RareaugError:
+                raise  # bad input is everybody's problem: stop with its one line
+            except Exception as error:  # one failing cell must not lose the others
+                failed.append(cell.name)
+                console.print(f"[red]cell {cell.name} failed:[/] {type(error).__name__}: {error}")
+                console.print(traceback.format_exc(limit=3), markup=False, highlight=False)
+                progress.advance(task)
+                continue
+            atomic_write_json(marker, {"hash": key, "row": row})
+            results.append(row)
+            progress.advance(task)
+
+    # 5. Diversity per synthetic set, metrics.csv, the recommendation.
+    _add_diversity(results, pools, rows, config)
+    _write_metrics(out / "metrics.csv", results)
+    summary = summarise(results, out, config, failed, {row.id: row.group for row in rows if row.group})
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", summary_markdown(summary))
+    console.print(f"sweep-ratio: {len(results)} cell(s) in {out}/metrics.csv; summary in {out}/summary.md")
+    if failed:
+        raise RareaugError(f"{len(failed)} cell(s) failed ({', '.join(failed[:3])}{'...' if len(failed) > 3 else ''}); "
+                           "the others are saved: rerun the same command to retry the failed ones")
+    return summary
+
+
+def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int, max_ratio: float,
+                   console: Console) -> list[Example]:
+    """The method's pool for this fold, filled to the largest ratio, as examples in pool order."""
+    from ..generate.stage import generate, source_rows, variant_name
+
+    folds = config.split.folds
+    fold_arg = fold if folds > 1 else None
+    n_real = len(source_rows(rows, folds, fold_arg))
+    n = math.ceil(max_ratio * n_real)
+    generate_config = dataclasses.replace(config.generate, method=method, n=n, ratio=None, fold=fold_arg,
+                                          steps=config.sweep.generate_steps or config.generate.steps)
+    local = dataclasses.replace(config, generate=generate_config)
+    result = generate(local, set(), console=console)
+    variant = variant_name(local)
+    kept = kept_rows(Manifest(result.folder).rows())
+    cls = next(row.cls for row in rows if row.rare)
+    return [Example(f"{variant}:{row['file'][:-4]}", 1, result.folder / row["file"], None, "", True)
+            for row in kept if row["class"] == cls]
+
+
+def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example]:
+    """The first ratio x (real rare training images) kept images of the cell's pool."""
+    if cell.ratio == 0:
+        return []
+    n_real = sum(1 for r in rows if r.rare and (r.split == "train" if folds == 1 else (r.split != "test" and r.fold != cell.fold)))
+    return pools[cell.method, cell.fold][:int(round(cell.ratio * n_real))]
+
+
+def _cell_hash(cell: Cell, config: Config, split_hash: str, synthetic_ids: list[str]) -> str:
+    sw = dataclasses.asdict(config.sweep)
+    for key in ("ratios", "methods", "models", "seeds", "executor", "generate_steps", "bootstrap"):
+        sw.pop(key)
+    payload = json.dumps({"cell": cell.name, "sweep": sw, "seed": config.seed, "split": split_hash,
+                          "augment": dataclasses.asdict(config.recipe.augment), "synthetic": synthetic_ids,
+                          "version": __version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: torch.device, out: Path) -> dict:
+    sw = config.sweep
+    if not data.val or not any(e.label for e in data.val):
+        raise RareaugError(f"cell {cell.name}: no rare image in validation; the split cannot pick a threshold")
+    seed = config.seed * 1000 + cell.seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the head's (and, without --pretrained, the backbone's) initial weights
+        model = create_classifier(cell.model.removeprefix("tiny-"), pretrained=sw.pretrained, weights_path=sw.weights,
+                                  tiny=cell.model.startswith("tiny-"), clip_model=sw.clip_model)
+    cache = caches.setdefault(model.input_size, ImageCache(config.recipe, model.input_size, config.data.frame))
+    real_train = [e for e in data.train if not e.synthetic]
+    pos_weight = positive_weight(sw.pos_weight, data, real_train)
+    outcome = train_cell(model, data, cache, sw, config.recipe.augment, pos_weight, seed, device)
+
+    val_labels = [e.label for e in data.val]
+    test_labels = [e.label for e in data.test]
+    threshold = M.choose_threshold(val_labels, outcome.val_scores, sw.threshold_rule, sw.target_sensitivity)
+    val = M.binary_metrics(val_labels, outcome.val_scores, threshold)
+    test = M.binary_metrics(test_labels, outcome.test_scores, threshold)
+    half = M.binary_metrics(test_labels, outcome.test_scores, 0.5)
+    groups = [e.group or e.id for e in data.test]
+    intervals = M.bootstrap_intervals(test_labels, outcome.test_scores, threshold, groups, sw.bootstrap, seed)
+    _write_predictions(out / "predictions" / f"{cell.name}.csv", data, outcome)
+    return {
+        "cell": cell.name, "method": cell.method, "model": cell.model, "ratio": cell.ratio, "seed": cell.seed,
+        "fold": cell.fold, "n_real_rare": data.n_real_rare, "n_synth": data.n_synth, "n_train": len(data.train),
+        "pos_weight_rule": sw.pos_weight, "pos_weight": pos_weight, "threshold": threshold,
+        **{key: test[key] for key in ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")},
+        "f1_ci_low": intervals["f1"][0], "f1_ci_high": intervals["f1"][1],
+        "recall_ci_low": intervals["recall"][0], "recall_ci_high": intervals["recall"][1],
+        "pr_auc_ci_low": intervals["pr_auc"][0], "pr_auc_ci_high": intervals["pr_auc"][1],
+        "recall_at_0.5": half["recall"], "precision_at_0.5": half["precision"], "f1_at_0.5": half["f1"],
+        "val_f1": val["f1"], "best_step": outcome.best_step, "n_test_pos": test["n_pos"], "n_test_neg": test["n_neg"],
+    }
+
+
+def _write_predictions(path: Path, data: CellData, outcome) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "split", "label", "score"])
+    for split, examples, values in (("val", data.val, outcome.val_scores), ("test", data.test, outcome.test_scores)):
+        for example, score in zip(examples, values):
+            writer.writerow([example.id, split, example.label, f"{score:.6g}"])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Config) -> None:
+    """One figure per (method, ratio, fold) synthetic set, shared by its cells."""
+    from ..images import model_input
+
+    cache: dict = {}
+    reals = None
+    for row in results:
+        if row["method"] == BASELINE:
+            row.update(diversity=float("nan"), diversity_metric="", intra_cluster=float("nan"))
+            continue
+        key = (row["method"], row["ratio"], row["fold"])
+        if key not in cache:
+            cell = Cell(row["method"], row["model"], row["ratio"], row["seed"], row["fold"])
+            images = _prefix(pools, cell, rows, config.split.folds)
+            if reals is None:
+                reals = torch.stack([model_input(r.abs_path, 64, "center") / 2 + 0.5 for r in rows
+                                     if r.rare and r.split != "test"])
+            stacked = torch.stack([model_input(e.path, 64, "center") / 2 + 0.5 for e in images]) if images else None
+            cache[key] = diversity(stacked, reals) if stacked is not None else {
+                "diversity": float("nan"), "diversity_metric": "", "intra_cluster": float("nan")}
+        row.update(cache[key])
+
+
+def _write_metrics(path: Path, results: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in sorted(results, key=lambda r: (r["model"], r["method"] != BASELINE, r["method"], r["ratio"],
+                                              r["seed"], r["fold"])):
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+# --- the recommendation ------------------------------------------------------------------------------
+
+def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
+              group_of: dict[str, str] | None = None) -> dict:
+    """Per model and method: the ratio with the best validation F1 (pooled out-of-fold validation
+    predictions, averaged over seeds), its test metrics, and whether its gain over ratio 0 on test is
+    distinguishable from noise (a paired bootstrap of the F1 difference on seed-averaged test scores)."""
+    sw = config.sweep
+    summary = {"rareaug_version": __version__, "failed_cells": failed, "pos_weight_rule": sw.pos_weight,
+               "decision_rule": ("recommended ratio = highest mean validation F1 (pooled out-of-fold validation "
+                                 "predictions, threshold chosen on them, averaged over seeds; ties go to the "
+                                 "smaller ratio); the test set never takes part. Gain over ratio 0 is "
+                                 "distinguishable when the 95% paired bootstrap interval of the test F1 "
+                                 "difference (seed-averaged scores, groups = patients when known) excludes 0."),
+               "models": {}}
+    by_model = {}
+    for row in results:
+        by_model.setdefault(row["model"], []).append(row)
+    for model, rows in by_model.items():
+        baseline = [r for r in rows if r["method"] == BASELINE]
+        methods = sorted({r["method"] for r in rows} - {BASELINE})
+        summary["models"][model] = {}
+        for method in methods or [BASELINE]:
+            table = {}
+            for ratio in sorted({r["ratio"] for r in rows if r["method"] in (method, BASELINE)}):
+                cells = [r for r in (baseline if ratio == 0 else rows) if r["ratio"] == ratio
+                         and (ratio == 0 or r["method"] == method)]
+                if cells:
+                    table[ratio] = _ratio_summary(cells, out, sw)
+            if not table:
+                continue
+            best = max(table, key=lambda r: (round(table[r]["val_f1"], 9), -r))
+            entry = {"ratios": {f"{r:g}": v for r, v in table.items()}, "recommended_ratio": best}
+            if best != 0 and 0 in table:
+                entry["gain_over_ratio_0"] = _gain(rows, baseline, method, best, out, sw, group_of or {})
+            entry["synthetic_helps"] = bool(best != 0 and entry.get("gain_over_ratio_0", {}).get("distinguishable"))
+            summary["models"][model][method] = entry
+    return summary
+
+
+def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
+    val_f1 = []
+    for seed in sorted({c["seed"] for c in cells}):
+        labels, values = _pooled(cells, seed, "val", out)
+        threshold = M.choose_threshold(labels, values, sw.threshold_rule, sw.target_sensitivity)
+        val_f1.append(M.binary_metrics(labels, values, threshold)["f1"])
+    entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"]}
+    for key in ("f1", "recall", "precision", "pr_auc", "auroc", "sens_at_95spec"):
+        mean, sd = M.mean_sd([c[key] for c in cells])
+        entry[f"test_{key}_mean"], entry[f"test_{key}_sd"] = mean, sd
+    return entry
+
+
+def _pooled(cells: list[dict], seed: int, split: str, out: Path) -> tuple[list[int], list[float]]:
+    labels, values = [], []
+    for cell in cells:
+        if cell["seed"] != seed:
+            continue
+        for row in _predictions(out, cell["cell"]):
+            if row["split"] == split:
+                labels.append(int(row["label"]))
+                values.append(float(row["score"]))
+    return labels, values
+
+
+def _predictions(out: Path, cell: str) -> list[dict]:
+    with open(out / "predictions" / f"{cell}.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _gain(rows, baseline, method, ratio, out, sw, group_of: dict[str, str]) -> dict:
+    """Paired bootstrap of test F1: recommended ratio vs ratio 0, scores averaged over seeds and folds."""
+    def averaged(cells):
+        scores, labels = {}, {}
+        for cell in cells:
+            for row in _predictions(out, cell["cell"]):
+                if row["split"] == "test":
+                    scores.setdefault(row["id"], []).append(float(row["score"]))
+                    labels[row["id"]] = int(row["label"])
+        ids = sorted(scores)
+        return ids, [labels[i] for i in ids], [float(np.mean(scores[i])) for i in ids], \
+            float(np.mean([c["threshold"] for c in cells]))
+
+    chosen = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
+    ids_a, labels, scores_a, threshold_a = averaged(baseline)
+    ids_b, _, scores_b, threshold_b = averaged(chosen)
+    if ids_a != ids_b:
+        return {"error": "ratio 0 and the chosen ratio were tested on different images"}
+    groups = [group_of.get(i, i) for i in ids_a]  # patients when known, else each image alone
+    result = M.paired_bootstrap_difference(labels, scores_a, threshold_a, scores_b, threshold_b, "f1", groups,
+                                           sw.bootstrap, 0)
+    return {key: (bool(v) if key == "distinguishable" else float(v)) for key, v in result.items()}
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["# Ratio sweep", "", summary["decision_rule"], ""]
+    if summary["failed_cells"]:
+        lines += [f"**Failed cells** (rerun to retry): {', '.join(summary['failed_cells'])}", ""]
+    for model, methods in summary["models"].items():
+        for method, entry in methods.items():
+            lines += [f"## {model} · {method}", "",
+                      "| ratio | synthetic | val F1 | test F1 | test recall | test PR-AUC |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for ratio, r in entry["ratios"].items():
+                mark = " **←**" if float(ratio) == entry["recommended_ratio"] else ""
+                lines.append(f"| {ratio}×{mark} | {r['n_synth']} | {r['val_f1']:.3f} | {r['test_f1_mean']:.3f} ± "
+                             f"{r['test_f1_sd']:.3f} | {r['test_recall_mean']:.3f} | {r['test_pr_auc_mean']:.3f} |")
+            gain = entry.get("gain_over_ratio_0")
+            lines.append("")
+            if entry["recommended_ratio"] == 0:
+                lines.append("Recommendation: **no synthetic data** (ratio 0 had the best validation F1).")
+            elif gain and "diff" in gain:
+                verdict = "distinguishable from noise" if gain["distinguishable"] else "**not** distinguishable from noise"
+                lines.append(f"Recommendation: **{entry['recommended_ratio']:g}×**. Test F1 gain over ratio 0: "
+                             f"{gain['diff']:+.3f} (95% interval {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}.")
+            lines.append("")
+    return "\n".join(lines) + "\n"

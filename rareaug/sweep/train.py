@@ -1,0 +1,105 @@
+"""Training one cell: a binary rare-vs-rest classifier, the same number of optimizer steps at every ratio
+(so more synthetic data does not simply mean more training), BCE with a positive weight, AdamW with a
+cosine schedule, and the state with the best validation loss kept."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+
+from ..config import AugmentConfig, SweepConfig
+from .data import CellData, Example, ImageCache
+
+
+@dataclasses.dataclass
+class CellOutcome:
+    val_scores: list[float]
+    test_scores: list[float]
+    best_step: int
+    best_val_loss: float
+    pos_weight: float
+
+
+def positive_weight(rule: str, cell: CellData, real_train: list[Example]) -> float:
+    """train: negatives / positives of the cell's own training set (the paper's rule); real: of the real
+    data alone, so only the data changes across ratios."""
+    examples = cell.train if rule == "train" else real_train
+    positives = sum(e.label for e in examples)
+    negatives = len(examples) - positives
+    return negatives / max(positives, 1)
+
+
+def augment(images: torch.Tensor, augment_config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """The classifier's light augmentation, the same for every cell: flips the recipe allows, a small
+    random crop. Deliberately mild: the `classic` baseline is where heavy augmentation is compared."""
+    batch, _, size, _ = images.shape
+    out = images
+    if augment_config.hflip:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if augment_config.vflip:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-2), out)
+    pad = max(1, size // 16)
+    padded = F.pad(out, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return padded[:, :, dy:dy + size, dx:dx + size]
+
+
+def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, augment_config: AugmentConfig,
+               pos_weight: float, seed: int, device: torch.device) -> CellOutcome:
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    params = list(model.trainable_parameters())
+    optimizer = torch.optim.AdamW(params, lr=sweep.lr, weight_decay=sweep.weight_decay)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, sweep.steps // 20),
+                             num_training_steps=sweep.steps)
+    weight = torch.tensor([pos_weight], device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    eval_every = sweep.eval_every or max(1, sweep.steps // 10)
+    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
+    order: list[int] = []
+    for step in range(1, sweep.steps + 1):
+        model.train()
+        if len(order) < sweep.batch_size:  # epochs of seeded permutations
+            order += torch.randperm(len(cell.train), generator=generator).tolist()
+        picks, order = order[:sweep.batch_size], order[sweep.batch_size:]
+        examples = [cell.train[i] for i in picks]
+        images = augment(cache.batch(examples), augment_config, generator).to(device)
+        labels = torch.tensor([float(e.label) for e in examples], device=device)
+        with amp:
+            logits = model(images).float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == sweep.steps:
+            val_loss = _loss(model, cell.val, cache, weight, device) if cell.val else float(step)
+            if val_loss < best[0]:
+                best = (val_loss, step, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return CellOutcome(scores(model, cell.val, cache, device), scores(model, cell.test, cache, device), best[1],
+                       best[0], pos_weight)
+
+
+@torch.no_grad()
+def scores(model, examples: list[Example], cache: ImageCache, device: torch.device, batch: int = 64) -> list[float]:
+    model.eval()
+    out = []
+    for start in range(0, len(examples), batch):
+        images = cache.batch(examples[start:start + batch]).to(device)
+        out += torch.sigmoid(model(images).float()).cpu().tolist()
+    return out
+
+
+@torch.no_grad()
+def _loss(model, examples: list[Example], cache: ImageCache, weight: torch.Tensor, device: torch.device) -> float:
+    probabilities = torch.tensor(scores(model, examples, cache, device)).clamp(1e-7, 1 - 1e-7)
+    labels = torch.tensor([float(e.label) for e in examples])
+    logits = torch.log(probabilities / (1 - probabilities))
+    return float(F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight.cpu()))

@@ -1,0 +1,224 @@
+"""Sweep metrics agree with scikit-learn, thresholds come only from validation, and intervals behave."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score,
+                             roc_auc_score)
+
+from rareaug.errors import RareaugError
+from rareaug.sweep.metrics import (METRICS, _compute, _draws, _resamples, binary_metrics, bootstrap_intervals,
+                                   choose_threshold, mean_sd, paired_bootstrap_difference)
+
+
+def _scored(n: int, seed: int, prevalence: float = 0.2, signal: float = 0.35):
+    """Labels and scores where rare images score higher on average, so every metric is informative."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(int)
+    s = np.clip(signal * y + rng.random(n) * 0.7, 0, 1)
+    return y, s
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
+def test_binary_metrics_equal_sklearn(threshold):
+    y, s = _scored(300, seed=1)
+    m = binary_metrics(y, s, threshold)
+    pred = (s >= threshold).astype(int)
+    assert m["recall"] == pytest.approx(recall_score(y, pred, zero_division=0), abs=1e-12)
+    assert m["precision"] == pytest.approx(precision_score(y, pred, zero_division=0), abs=1e-12)
+    assert m["f1"] == pytest.approx(f1_score(y, pred, zero_division=0), abs=1e-12)
+    assert m["pr_auc"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert (m["n_pos"], m["n_neg"]) == (int(y.sum()), int((y == 0).sum()))
+
+
+def test_metrics_at_half_is_binary_metrics_at_half():
+    y, s = _scored(100, seed=2)
+    pred = (s >= 0.5).astype(int)
+    assert binary_metrics(y, s, 0.5)["f1"] == pytest.approx(f1_score(y, pred))
+
+
+def test_sens_at_95spec_hand_computed():
+    # 20 negatives: 18 low, one at 0.5, one at 0.95. Specificity >= 0.95 allows one false positive (the 0.95
+    # one) but not the 0.5 one, so the best cut sits just above 0.5: positives above it are 6 of 10.
+    neg = [i / 100 for i in range(18)] + [0.5, 0.95]
+    pos = [0.99, 0.96, 0.9, 0.8, 0.6, 0.55, 0.45, 0.4, 0.3, 0.2]
+    y = np.array([0] * len(neg) + [1] * len(pos))
+    s = np.array(neg + pos)
+    assert binary_metrics(y, s, 0.5)["sens_at_95spec"] == pytest.approx(0.6)
+    # A second high negative uses up the allowance below 0.95: only the 0.99 and 0.96 positives remain.
+    neg2 = neg[:-2] + [0.5, 0.95, 0.92]
+    y2 = np.array([0] * len(neg2) + [1] * len(pos))
+    s2 = np.array(neg2 + pos)  # 21 negatives: 1/21 <= 0.05 but 2/21 is not
+    assert binary_metrics(y2, s2, 0.5)["sens_at_95spec"] == pytest.approx(0.2)
+
+
+def test_one_class_gives_nan_for_ranking_metrics():
+    m = binary_metrics([0, 0, 0], [0.1, 0.7, 0.3], 0.5)
+    assert math.isnan(m["auroc"]) and math.isnan(m["sens_at_95spec"]) and math.isnan(m["pr_auc"])
+    assert (m["recall"], m["n_pos"], m["n_neg"]) == (0.0, 0, 3)
+
+
+def test_choose_threshold_max_f1_known_example():
+    # Thresholds 0.1 / 0.35 / 0.4 / 0.8 give F1 0.667 / 0.8 / 0.5 / 0.667.
+    assert choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.35
+
+
+def test_choose_threshold_ties_go_to_higher_threshold():
+    # Ascending labels 1, 0, 0, 1: cutting at 0.1 (P 1/2, R 1) and at 0.9 (P 1, R 1/2) both give F1 2/3.
+    assert choose_threshold([1, 0, 0, 1], [0.1, 0.2, 0.3, 0.9]) == 0.9
+
+
+def test_choose_threshold_is_the_grid_max_of_sklearn_f1():
+    y, s = _scored(200, seed=3)
+    t = choose_threshold(y, s)
+    best = max(f1_score(y, (s >= c).astype(int)) for c in np.unique(s))
+    assert f1_score(y, (s >= t).astype(int)) == pytest.approx(best)
+
+
+def test_choose_threshold_without_positive_is_half():
+    assert choose_threshold([0, 0, 0], [0.2, 0.9, 0.4]) == 0.5
+
+
+def test_choose_threshold_sensitivity_rule():
+    y = [1, 1, 1, 1, 0, 0]
+    s = [0.9, 0.8, 0.6, 0.3, 0.7, 0.1]
+    assert choose_threshold(y, s, rule="sensitivity", target_sensitivity=0.75) == 0.6
+    assert choose_threshold(y, s, rule="sensitivity", target_sensitivity=1.0) == 0.3
+    assert choose_threshold(y, s, rule="sensitivity", target_sensitivity=0.5) == 0.8
+    with pytest.raises(RareaugError):
+        choose_threshold(y, s, rule="sensitivity")
+    with pytest.raises(RareaugError):
+        choose_threshold(y, s, rule="youden")
+
+
+def test_choose_threshold_is_pure():
+    """Only the validation arrays matter: shuffling test data, or re-ordering validation pairs, changes nothing."""
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+        y_val, s_val = _scored(150, seed=100 + trial)
+        y_test, s_test = _scored(150, seed=200 + trial)
+        before = (y_val.copy(), s_val.copy())
+        t = choose_threshold(y_val, s_val)
+        rng.shuffle(s_test)
+        rng.shuffle(y_test)
+        assert choose_threshold(y_val, s_val) == t
+        order = rng.permutation(len(y_val))
+        assert choose_threshold(y_val[order], s_val[order]) == t
+        np.testing.assert_array_equal(before[0], y_val)  # its inputs are not modified either
+        np.testing.assert_array_equal(before[1], s_val)
+
+
+def test_bootstrap_draws_equal_metrics_on_each_resample():
+    """The vectorised resample scoring (padded, multilabel sklearn calls) matches binary_metrics per resample."""
+    y, s = _scored(60, seed=5)
+    groups = [f"p{i % 17}" for i in range(60)]
+    chunk = list(_resamples(groups, 60, 25, seed=1)) + [np.array([0, 1, 2]), np.array([7, 7])]
+    for threshold in (0.5, -1.0, 2.0):
+        draws = _draws(y, s, threshold, chunk, METRICS)
+        for j, idx in enumerate(chunk):
+            ref = _compute(y[idx], s[idx], threshold)
+            for k in METRICS:
+                if not math.isnan(draws[k][j]):
+                    assert draws[k][j] == pytest.approx(ref[k], abs=1e-12), (k, j, threshold)
+
+
+def test_intervals_contain_estimate_and_narrow_with_more_data():
+    widths = {}
+    for n in (200, 3000):
+        y, s = _scored(n, seed=6)
+        point = binary_metrics(y, s, 0.5)
+        ci = bootstrap_intervals(y, s, 0.5, n_boot=200, seed=0)
+        assert set(ci) == set(METRICS)
+        for k, (low, high) in ci.items():
+            assert low <= point[k] <= high, (n, k, low, point[k], high)
+        widths[n] = {k: high - low for k, (low, high) in ci.items()}
+    for k in METRICS:
+        assert widths[3000][k] < widths[200][k], k
+
+
+def test_bootstrap_is_deterministic_by_seed():
+    y, s = _scored(200, seed=7)
+    assert bootstrap_intervals(y, s, 0.5, n_boot=100, seed=3) == bootstrap_intervals(y, s, 0.5, n_boot=100, seed=3)
+    assert bootstrap_intervals(y, s, 0.5, n_boot=100, seed=3) != bootstrap_intervals(y, s, 0.5, n_boot=100, seed=4)
+
+
+def test_two_groups_give_wider_intervals_than_images():
+    # Two patients whose images differ in difficulty: resampling patients sees that, resampling images cannot.
+    y1, s1 = _scored(400, seed=8, signal=0.6)
+    y2, s2 = _scored(400, seed=9, signal=0.1)
+    y, s = np.concatenate([y1, y2]), np.concatenate([s1, s2])
+    groups = ["a"] * 400 + ["b"] * 400
+    by_image = bootstrap_intervals(y, s, 0.5, n_boot=200)
+    by_group = bootstrap_intervals(y, s, 0.5, groups=groups, n_boot=200)
+    for k in METRICS:
+        assert by_group[k][1] - by_group[k][0] > by_image[k][1] - by_image[k][0], k
+
+
+def test_blank_groups_are_their_own_group():
+    y, s = _scored(200, seed=10)
+    blank = bootstrap_intervals(y, s, 0.5, groups=[""] * 100 + [None] * 100, n_boot=100, seed=2)
+    assert blank == bootstrap_intervals(y, s, 0.5, n_boot=100, seed=2)
+
+
+def test_resamples_without_a_positive_are_skipped():
+    # One positive, scored highest: wherever it is drawn recall and AUROC are 1. About a third of resamples miss
+    # it; counted as recall 0 (zero_division) they would drag the interval down to 0.
+    y = np.array([0] * 29 + [1])
+    s = np.linspace(0, 1, 30)
+    ci = bootstrap_intervals(y, s, 0.5, n_boot=200)
+    assert ci["recall"] == (1.0, 1.0) and ci["auroc"] == pytest.approx((1.0, 1.0))
+    none = bootstrap_intervals(np.zeros(30, int), s, 0.5, n_boot=50)
+    assert all(math.isnan(v) for v in none["recall"] + none["auroc"])
+
+
+def test_paired_difference_of_identical_scores_is_exactly_zero():
+    y, s = _scored(300, seed=11)
+    for metric in METRICS:
+        d = paired_bootstrap_difference(y, s, 0.5, s.copy(), 0.5, metric=metric, n_boot=100)
+        assert (d["diff"], d["low"], d["high"], d["distinguishable"]) == (0.0, 0.0, 0.0, False), metric
+
+
+def test_clearly_better_classifier_is_distinguishable():
+    rng = np.random.default_rng(12)
+    y = (rng.random(500) < 0.2).astype(int)
+    random_scores = rng.random(500)
+    good_scores = np.clip(0.6 * y + rng.random(500) * 0.5, 0, 1)
+    d = paired_bootstrap_difference(y, random_scores, 0.5, good_scores, 0.5, metric="f1", n_boot=500)
+    assert d["diff"] > 0 and 0 < d["low"] <= d["diff"] <= d["high"] and d["distinguishable"] is True
+    groups = [f"p{i // 5}" for i in range(500)]
+    grouped = paired_bootstrap_difference(y, random_scores, 0.5, good_scores, 0.5, metric="auroc", groups=groups,
+                                          n_boot=300)
+    assert grouped["distinguishable"] is True
+    # Swapped roles: the difference is negative and just as distinguishable.
+    worse = paired_bootstrap_difference(y, good_scores, 0.5, random_scores, 0.5, metric="f1", n_boot=500)
+    assert worse["high"] < 0 and worse["distinguishable"] is True
+
+
+def test_paired_difference_uses_the_same_resamples():
+    # b is a shifted by a constant and thresholded by the same shift: identical predictions on every resample.
+    y, s = _scored(300, seed=13)
+    d = paired_bootstrap_difference(y, s, 0.4, s + 0.25, 0.65, metric="recall", n_boot=200)
+    assert (d["low"], d["high"]) == (0.0, 0.0)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(RareaugError):
+        binary_metrics([0, 1, 2], [0.1, 0.2, 0.3], 0.5)
+    with pytest.raises(RareaugError):
+        binary_metrics([0, 1], [0.1, 0.2, 0.3], 0.5)
+    with pytest.raises(RareaugError):
+        bootstrap_intervals([0, 1], [0.1, float("nan")], 0.5)
+    with pytest.raises(RareaugError):
+        bootstrap_intervals([0, 1, 1], [0.1, 0.2, 0.3], 0.5, groups=["a", "b"])
+    with pytest.raises(RareaugError):
+        paired_bootstrap_difference([0, 1], [0.1, 0.9], 0.5, [0.2, 0.8], 0.5, metric="accuracy")
+
+
+def test_mean_sd():
+    assert mean_sd([1.0, 2.0, 3.0, float("nan")]) == (2.0, 1.0)
+    assert mean_sd([0.7]) == (0.7, 0.0)
+    mean, sd = mean_sd([float("nan")])
+    assert math.isnan(mean) and math.isnan(sd)
