@@ -278,13 +278,16 @@ def demo(
     from .generate.stage import generate as run_generate
     from .inspect import inspect_data, render
     from .samples import sample_root
+    from .sweep.stage import sweep
 
     run = run or Path("runs/demo")
     # The guard threshold is set: these texture crops are so unlike each other (1 - SSIM near 0.9) that the
     # calibrated threshold would call the tiny model's smooth blobs copies. Real data calibrates it.
     flags = dict(run=run, data__data=sample_root(), data__rare="gravel", recipe__resolution=64,
                  fit__base_model="tiny", fit__steps=30, generate__ratio=2.0, generate__steps=10,
-                 generate__guard_threshold=0.3)
+                 generate__guard_threshold=0.3, sweep__ratios="0,1,2", sweep__models="tiny-resnet18",
+                 sweep__seeds=1, sweep__steps=30, sweep__batch_size=16, sweep__pretrained=False,
+                 sweep__generate_steps=10)
     cfg, given = make_config(None, **flags)
     console.print(f"[bold]rareaug demo[/] on the shipped texture sample (rare class: gravel) -> {run}")
     console.rule("1. inspect")
@@ -293,8 +296,11 @@ def demo(
     run_fit(cfg, given, console=console)
     console.rule("3. generate (ratio 2; guard threshold 0.3, see `rareaug generate --help`)")
     result = run_generate(cfg, given, console=console)
+    console.rule("4. sweep-ratio (a tiny classifier from random weights, 1 seed, 30 steps: a smoke run)")
+    sweep(cfg, given, console=console)
+    console.print((run / "sweep" / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"[bold]done[/]: LoRAs in {run}/loras/loft, {result.kept} synthetic images and their manifest in "
-                  f"{result.folder}. sweep-ratio and report join the demo as they are built.")
+                  f"{result.folder}, the sweep in {run}/sweep. The report joins the demo when it is built.")
 
 
 def _not_built(name: str, issue: str):

@@ -144,6 +144,7 @@ def test_demo_runs_on_the_shipped_sample(invoke, tmp_path):
     assert len(list((tmp_path / "demo" / "loras" / "loft").glob("*.safetensors"))) == 8
     pool = next((tmp_path / "demo" / "synthetic").iterdir())
     assert len(list(pool.glob("*.png"))) == 16 and (pool / "manifest.csv").exists()
+    assert (tmp_path / "demo" / "sweep" / "summary.md").exists() and "Recommendation" in out
 
 
 def test_every_package_is_listed_for_installation():

@@ -148,3 +148,31 @@ def test_bad_grid_options_are_one_line_errors(swept, invoke):
     assert code == 2 and "--ratios" in err
     code, _, err = invoke("sweep-ratio", "--run", swept, "--pos-weight", "x", *GRID)
     assert code == 2 and "--pos-weight" in err
+
+
+def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp_path):
+    from conftest import write_image
+
+    root = tmp_path / "data"
+    for i in range(12):
+        write_image(root / "crack" / f"c{i}.png")
+    for i in range(18):
+        write_image(root / "normal" / f"n{i}.png")
+    run = tmp_path / "run"
+    code, _, err = invoke("fit", "--data", root, "--rare", "crack", "--run", run, "--folds", "3", "--base-model", "tiny",
+                          "--resolution", "64", "--steps", "2")
+    assert code == 0, err
+    code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", *GRID)
+    assert code == 0, err
+    rows = metrics(run)
+    assert sorted({int(r["fold"]) for r in rows}) == [0, 1, 2] and len(rows) == 6
+    split = list(csv.DictReader(open(run / "split.csv", newline="")))
+    fold_of = {r["id"]: int(r["fold"]) for r in split}
+    for fold in range(3):
+        manifest = list(csv.DictReader(open(run / "synthetic" / f"loft-l0.5-g2-s2-f{fold}" / "manifest.csv", newline="")))
+        assert manifest and all(fold_of[lora] != fold for r in manifest for lora in r["loras"].split(";"))
+        with open(run / "sweep" / "predictions" / f"loft-r1-tiny-resnet18-s0-f{fold}.csv", newline="") as handle:
+            val_ids = {r["id"] for r in csv.DictReader(handle) if r["split"] == "val"}
+        assert val_ids and all(fold_of[i] == fold for i in val_ids)
+    code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", "--methods", "datadream", *GRID)
+    assert code == 2 and "per-fold" in err

@@ -96,6 +96,9 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     gen = config.generate
     # 1. The split, the source images, the variant and its stage config.
     rows, config, _ = frozen_split(config, given)
+    if gen.fold is not None and gen.method in ("datadream", "chimera"):
+        raise RareaugError(f"--fold with --method {gen.method}: its class-level LoRA was fitted on every fold's images "
+                           "(per-fold fits are not built yet); use --method loft, whose per-image LoRAs allow folds")
     sources = source_rows(rows, config.split.folds, gen.fold)
     if len(sources) < 2 and gen.method in ("loft", "chimera"):
         raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")

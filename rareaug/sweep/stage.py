@@ -35,11 +35,15 @@ from .data import CellData, Example, ImageCache, cell_data, real_example
 from .diversity import diversity
 from .train import positive_weight, train_cell
 
-METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_synth", "n_train",
-                  "pos_weight_rule", "pos_weight", "threshold", "recall", "precision", "f1", "pr_auc", "auroc",
-                  "sens_at_95spec", "f1_ci_low", "f1_ci_high", "recall_ci_low", "recall_ci_high", "pr_auc_ci_low",
-                  "pr_auc_ci_high", "recall_at_0.5", "precision_at_0.5", "f1_at_0.5", "val_f1", "best_step",
-                  "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
+TEST_METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
+METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_real_neg", "n_synth", "n_train",
+                  "pos_weight_rule", "pos_weight", "threshold", *TEST_METRICS,
+                  *(f"{m}_ci_{end}" for m in TEST_METRICS for end in ("low", "high")),
+                  "recall_at_0.5", "precision_at_0.5", "f1_at_0.5", "val_f1", "best_step",
+                  "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
+# DataDream and Chimera share one LoRA (or one A) across a class's images: with folds, fold k's synthetic
+# images would carry its validation images unless each fold had its own fit, which is not built yet.
+PER_CLASS_METHODS = ("datadream", "chimera")
 BASELINE = "none"
 
 
@@ -72,6 +76,9 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
             raise RareaugError(f"--model {model!r} is unknown; choose from {', '.join(known)} (tiny-<name> for tests)")
     rows, config, _ = frozen_split(config, given)
     folds = config.split.folds
+    if folds > 1 and any(method in PER_CLASS_METHODS for method in methods):
+        raise RareaugError("--methods datadream/chimera with folds: their class-level LoRAs would see every fold's "
+                           "validation images (per-fold fits are not built yet); sweep them on a run with --folds 1")
     run = RunDir(config.run_dir())
     out = run.path / "sweep"
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -205,10 +212,9 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
         "cell": cell.name, "method": cell.method, "model": cell.model, "ratio": cell.ratio, "seed": cell.seed,
         "fold": cell.fold, "n_real_rare": data.n_real_rare, "n_synth": data.n_synth, "n_train": len(data.train),
         "pos_weight_rule": sw.pos_weight, "pos_weight": pos_weight, "threshold": threshold,
-        **{key: test[key] for key in ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")},
-        "f1_ci_low": intervals["f1"][0], "f1_ci_high": intervals["f1"][1],
-        "recall_ci_low": intervals["recall"][0], "recall_ci_high": intervals["recall"][1],
-        "pr_auc_ci_low": intervals["pr_auc"][0], "pr_auc_ci_high": intervals["pr_auc"][1],
+        **{key: test[key] for key in TEST_METRICS},
+        **{f"{key}_ci_{end}": intervals[key][i] for key in TEST_METRICS for i, end in enumerate(("low", "high"))},
+        "n_real_neg": sum(1 for e in real_train if not e.label), "n_val_pos": val["n_pos"], "n_val_neg": val["n_neg"],
         "recall_at_0.5": half["recall"], "precision_at_0.5": half["precision"], "f1_at_0.5": half["f1"],
         "val_f1": val["f1"], "best_step": outcome.best_step, "n_test_pos": test["n_pos"], "n_test_neg": test["n_neg"],
     }
