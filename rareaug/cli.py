@@ -219,6 +219,7 @@ def sweep_ratio(
     weights: Annotated[Optional[str], typer.Option("--weights", help="A local ImageNet checkpoint for the ResNets.")] = None,
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="A local CLIP folder.")] = None,
     pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="train (default): negatives/positives of each cell's training set; real: of the real data.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="binary (default): rare vs rest; multiclass: every class, metrics for the rare one.")] = None,
     folds: FoldsOpt = None,
     executor: Annotated[Optional[str], typer.Option("--executor", help="local (default).")] = None,
     generate_steps: Annotated[Optional[int], typer.Option("--generate-steps", help="Sampling steps for pools made on demand.")] = None,
@@ -234,7 +235,7 @@ def sweep_ratio(
         config, run=run, seed=seed, device=device, split__folds=folds, sweep__ratios=ratios, sweep__methods=methods,
         sweep__models=",".join(model) if model else None, sweep__seeds=seeds, sweep__steps=steps,
         sweep__batch_size=batch_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
-        sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__executor=executor,
+        sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
         sweep__generate_steps=generate_steps, generate__guard_threshold=guard_threshold,
     )
     sweep(cfg, given, console=console)
@@ -247,6 +248,7 @@ def export_mix(
     heads: Annotated[str, typer.Option("--heads", help="Head weights, e.g. r0001=0.5,r0003=0.5.")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the plain diffusers LoRA file.")],
     cls: Annotated[Optional[str], typer.Option("--class", help="The class (default: the run's rare class).")] = None,
+    fold: Annotated[Optional[int], typer.Option("--fold", help="With folds: the fold whose Chimera fit to use.")] = None,
 ) -> None:
     """Export a ChimeraLoRA head mix (shared A, B = sum of w_i B_i) as a LoRA file plain diffusers loads."""
     from .fit import export_mix as export, safe_name
@@ -262,7 +264,8 @@ def export_mix(
             raise typer.BadParameter(f"{part!r}: write each head as id=weight, e.g. r0001=0.5") from None
     if cls is None:
         cls = next((row.cls for row in read_split(RunDir(run).split_csv) if row.rare), None)
-    source = Path(run) / "loras" / "chimera" / f"{safe_name(cls or '')}.safetensors"
+    stem = cls if fold is None else f"{cls}-f{fold}"
+    source = Path(run) / "loras" / "chimera" / f"{safe_name(stem or '')}.safetensors"
     if not source.exists():
         raise RareaugError(f"{source}: no chimera LoRA; run `rareaug fit --run {run} --method chimera` first")
     console.print(f"wrote {export(source, weights, out)}")

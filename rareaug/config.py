@@ -127,6 +127,7 @@ class SweepConfig:
     pretrained: bool = True
     weights: str | None = None  # a local ImageNet checkpoint for the ResNets
     clip_model: str | None = None  # a local CLIP folder
+    task: str = "binary"  # binary: rare vs rest, one logit; multiclass: every class of the split, softmax
     pos_weight: str = "train"  # train: negatives/positives of the cell's own training set; real: of the real data
     threshold_rule: str = "max_f1"  # or "sensitivity" with target_sensitivity
     target_sensitivity: float | None = None
@@ -302,6 +303,8 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--ratios {sweep.ratios!r}: give numbers separated by commas, e.g. 0,0.5,1,2,4") from None
     if any(r < 0 for r in ratios):
         raise RareaugError(f"--ratios must be 0 or more, got {sweep.ratios}")
+    if sweep.task not in ("binary", "multiclass"):
+        raise RareaugError(f"--task {sweep.task!r} is unknown; use binary or multiclass")
     if sweep.pos_weight not in ("train", "real"):
         raise RareaugError(f"--pos-weight {sweep.pos_weight!r} is unknown; use train or real")
     if sweep.executor != "local":

@@ -23,7 +23,8 @@ from .lora.train import Job, JobRunner, TrainData, amp_settings
 from .run_dir import RunDir, frozen_split
 from .split import SplitRow
 
-INDEX_COLUMNS = ("image_id", "class", "method", "steps_done", "final_loss", "base_model")
+# lora: the file (stem) the row's weights live in — the image id for LoFT, the class (and fold) otherwise.
+INDEX_COLUMNS = ("image_id", "lora", "class", "method", "steps_done", "final_loss", "base_model")
 FINAL_LOSS_WINDOW = 10  # final_loss = mean of the last steps' losses: one step's timestep is too noisy
 
 
@@ -107,7 +108,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     out_dir = run.path / "loras" / method
     start_over = run.check_stage_config("fit", method, config, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs_all = plan_jobs(method, train)
+    jobs_all = plan_jobs(method, train, config.split.folds)
     done = set() if start_over else finished_units(out_dir, fit_config.steps)
     jobs = [job for job in jobs_all if not all(unit in done for unit in job.units)]
     skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in jobs for u in j.units})
@@ -179,12 +180,17 @@ def clear_checkpoints(out_dir: Path) -> None:
         path.unlink()
 
 
-def plan_jobs(method: str, train: list[SplitRow]) -> list[Job]:
-    """LoFT: one job per image (grouped into chunks later); the class methods: one job for the class."""
+def plan_jobs(method: str, train: list[SplitRow], folds: int = 1) -> list[Job]:
+    """LoFT: one job per image (grouped into chunks later); folds only restrict which pairs are fused.
+    The class methods: one job for the class — with folds, one per fold on the images outside it, since a
+    class-level LoRA trained on fold k's images would leak them into fold k's synthetic data."""
     if method == "loft":
         return [Job("loft", f"loft-{row.id}", [row.id], [i]) for i, row in enumerate(train)]
     cls = train[0].cls
-    return [Job(method, f"{method}-{safe_name(cls)}", [cls], list(range(len(train))))]
+    if folds == 1:
+        return [Job(method, f"{method}-{safe_name(cls)}", [cls], list(range(len(train))))]
+    return [Job(method, f"{method}-{safe_name(cls)}-f{k}", [f"{cls}-f{k}"],
+                [i for i, row in enumerate(train) if row.fold != k]) for k in range(folds)]
 
 
 def regroup_loft(jobs: list[Job], batch_size: int) -> list[Job]:
@@ -219,12 +225,8 @@ def finished_units(out_dir: Path, steps: int) -> set[str]:
         return set()
     with open(index, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    done = set()
-    for row in rows:
-        unit = row["image_id"] if row["method"] == "loft" else row["class"]
-        if int(row["steps_done"]) >= steps and (out_dir / f"{safe_name(unit)}.safetensors").exists():
-            done.add(unit)
-    return done
+    return {row["lora"] for row in rows
+            if int(row["steps_done"]) >= steps and (out_dir / f"{safe_name(row['lora'])}.safetensors").exists()}
 
 
 def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir, device: torch.device) -> TrainData:
@@ -283,27 +285,28 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
             state = to_diffusers_state(bank.get_slot(slot), scale)
             save_safetensors(out_dir / f"{safe_name(unit)}.safetensors", state,
                              {**common, "image_id": unit, "class": cls_of[unit]})
-            index_rows.append((unit, cls_of[unit], _final(losses[unit])))
+            index_rows.append((unit, unit, cls_of[unit], _final(losses[unit])))
     elif job.method == "datadream":
-        cls = job.units[0]
+        stem, cls = job.units[0], train[job.images[0]].cls
         state = to_diffusers_state(bank.get_slot(0), scale)
         if text_bank is not None:
             state.update(to_diffusers_state(text_bank.get_slot(0), scale, prefix=TEXT_PREFIX))
-        save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", state,
+        save_safetensors(out_dir / f"{safe_name(stem)}.safetensors", state,
                          {**common, "class": cls, "images": [train[i].id for i in job.images],
                           "text_encoder_lora": text_bank is not None})
-        index_rows.append((cls, cls, _final([v for values in losses.values() for v in values])))
+        index_rows.append((stem, stem, cls, _final([v for values in losses.values() for v in values])))
     else:  # chimera: the shared A and every B head in one file
-        cls = job.units[0]
+        stem, cls = job.units[0], train[job.images[0]].cls
         heads = [train[i].id for i in job.images]
         tensors = {}
         for name, layer in bank.layers.items():
             tensors[f"{name}.A"] = layer.lora_A[0].detach().cpu()
-            tensors[f"{name}.B"] = layer.lora_B.detach().cpu() * scale  # (heads, out, r), scale folded
-        save_safetensors(out_dir / f"{safe_name(cls)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
-        index_rows += [(head, cls, _final(losses.get(head, []))) for head in heads]
+            # (heads, out, r), scale folded; the bank may hold more slots than this fold's heads
+            tensors[f"{name}.B"] = layer.lora_B[:len(heads)].detach().cpu() * scale
+        save_safetensors(out_dir / f"{safe_name(stem)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
+        index_rows += [(head, stem, cls, _final(losses.get(head, []))) for head in heads]
     _append_index(out_dir / "index.csv", index_rows, job.method, fit_config.steps, model_label(fit_config.base_model))
-    _append_losses(out_dir / "losses.csv", losses)
+    _append_losses(out_dir / "losses.csv", job.units[0] if job.method != "loft" else None, losses)
 
 
 def _final(values: list[float]) -> float:
@@ -316,24 +319,29 @@ def _append_index(path: Path, rows, method: str, steps: int, base_model: str) ->
     if path.exists():
         with open(path, newline="") as handle:
             existing = [row for row in csv.DictReader(handle)]
-    new_ids = {row[0] for row in rows}
+    new_loras = {row[1] for row in rows}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(INDEX_COLUMNS)
     for row in existing:
-        if row["image_id"] not in new_ids:
+        if row["lora"] not in new_loras:
             writer.writerow([row[column] for column in INDEX_COLUMNS])
-    for unit, cls, loss in rows:
-        writer.writerow([unit, cls, method, steps, f"{loss:.6g}", base_model])
+    for image_id, lora, cls, loss in rows:
+        writer.writerow([image_id, lora, cls, method, steps, f"{loss:.6g}", base_model])
     atomic_write_text(path, buffer.getvalue())
 
 
-def _append_losses(path: Path, losses: dict[str, list[float]]) -> None:
+def _append_losses(path: Path, lora: str | None, losses: dict[str, list[float]]) -> None:
+    """One row per (LoRA, image, step); a job rerun replaces its LoRA's rows. For LoFT the LoRA is the image."""
+    def owner(image_id: str) -> str:
+        return lora or image_id
+
+    owners = {owner(image_id) for image_id in losses}
     kept = path.read_text().splitlines()[1:] if path.exists() else []
-    kept = [line for line in kept if line.split(",", 1)[0] not in losses]
-    lines = ["image_id,step,loss", *kept]
-    for unit, values in losses.items():
-        lines += [f"{unit},{step},{value:.6g}" for step, value in enumerate(values, start=1)]
+    kept = [line for line in kept if line.split(",", 1)[0] not in owners]
+    lines = ["lora,image_id,step,loss", *kept]
+    for image_id, values in losses.items():
+        lines += [f"{owner(image_id)},{image_id},{step},{value:.6g}" for step, value in enumerate(values, start=1)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

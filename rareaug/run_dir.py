@@ -45,7 +45,7 @@ class RunDir:
         if not path.exists():
             return False
         previous = _read_yaml(path)
-        record = stage_record(config)
+        record = _stage_sections(stage, stage_record(config))
         if _without_execution(previous) == _without_execution(record):
             return False
         if not force:
@@ -57,14 +57,24 @@ class RunDir:
         """Record the resolved config once the stage is set to work (its model loaded), so a command that
         fails while setting up leaves nothing that would refuse the corrected command."""
         path = self.stage_config(stage, variant)
-        atomic_write_yaml(path, stage_record(config))
+        atomic_write_yaml(path, _stage_sections(stage, stage_record(config)))
         return path
 
+
+# What each stage's results depend on (data and split are frozen in split.csv): its record holds these only,
+# so that changing a later stage's options never refuses an earlier stage's rerun.
+STAGE_SECTIONS = {"fit": ("seed", "recipe", "fit"), "generate": ("seed", "recipe", "fit", "generate"),
+                  "sweep": ("seed", "recipe", "generate", "sweep")}
 
 # How a stage runs, not what it computes (the bank makes results independent of the batch size): a rerun
 # may change these freely.
 EXECUTION_KEYS = {"device": None, "fit": ("batch_size", "gradient_checkpointing", "checkpoint_every"),
                   "generate": ("batch_size",)}
+
+
+def _stage_sections(stage: str, record: dict) -> dict:
+    keep = STAGE_SECTIONS.get(stage)
+    return record if keep is None else {key: value for key, value in record.items() if key in keep}
 
 
 def _read_yaml(path: Path) -> dict:

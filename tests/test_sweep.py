@@ -174,5 +174,32 @@ def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp
         with open(run / "sweep" / "predictions" / f"loft-r1-tiny-resnet18-s0-f{fold}.csv", newline="") as handle:
             val_ids = {r["id"] for r in csv.DictReader(handle) if r["split"] == "val"}
         assert val_ids and all(fold_of[i] == fold for i in val_ids)
+    # Class-level LoRAs are fitted once per fold, each without that fold's images.
+    code, _, err = invoke("fit", "--run", run, "--method", "datadream", "--steps", "2", "--batch-size", "4")
+    assert code == 0, err
+    from rareaug.lora.files import read_safetensors
+
+    for fold in range(3):
+        _, metadata = read_safetensors(run / "loras" / "datadream" / f"crack-f{fold}.safetensors")
+        images = json.loads(metadata["images"])
+        assert images and all(fold_of[i] != fold for i in images)
+    code, _, err = invoke("fit", "--run", run, "--method", "chimera", "--steps", "2", "--batch-size", "4")
+    assert code == 0, err
+    for fold in range(3):
+        _, metadata = read_safetensors(run / "loras" / "chimera" / f"crack-f{fold}.safetensors")
+        heads = json.loads(metadata["heads"])
+        assert heads and all(fold_of[h] != fold for h in heads)
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", "--methods", "datadream", *GRID)
-    assert code == 2 and "per-fold" in err
+    assert code == 0, err
+    assert {int(r["fold"]) for r in metrics(run) if r["method"] == "datadream"} == {0, 1, 2}
+
+
+def test_multiclass_task_scores_the_rare_class(swept, tmp_path, invoke):
+    run = shutil.copytree(swept, tmp_path / "run")
+    code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", "--task", "multiclass", *GRID)
+    assert code == 0, err
+    rows = [r for r in metrics(run) if r["task"] == "multiclass"]
+    assert len(rows) == 2 and all(r["cell"].endswith("-multiclass") for r in rows)
+    with open(run / "sweep" / "predictions" / f"{rows[0]['cell']}.csv", newline="") as handle:
+        scores = [float(r["score"]) for r in csv.DictReader(handle)]
+    assert scores and all(0.0 <= s <= 1.0 for s in scores)

@@ -96,9 +96,6 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     gen = config.generate
     # 1. The split, the source images, the variant and its stage config.
     rows, config, _ = frozen_split(config, given)
-    if gen.fold is not None and gen.method in ("datadream", "chimera"):
-        raise RareaugError(f"--fold with --method {gen.method}: its class-level LoRA was fitted on every fold's images "
-                           "(per-fold fits are not built yet); use --method loft, whose per-image LoRAs allow folds")
     sources = source_rows(rows, config.split.folds, gen.fold)
     if len(sources) < 2 and gen.method in ("loft", "chimera"):
         raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")
@@ -289,15 +286,16 @@ class _ImageMaker:
         if method == "classprompt":
             self.plan = plans.NoAdapter()
             return None
+        # Class-level LoRAs are fitted once per fold when the split has folds (see fit.plan_jobs).
+        stem = self.cls if gen.fold is None else f"{self.cls}-f{gen.fold}"
         if method == "chimera":
-            bank, heads = bank_from_chimera_file(base.unet, folder / f"{safe_name(self.cls)}.safetensors",
-                                                 self.targets)
+            bank, heads = bank_from_chimera_file(base.unet, folder / f"{safe_name(stem)}.safetensors", self.targets)
             allowed = [head for head in heads if head in self.source_ids]
             self.slot_of = {head: slot for slot, head in enumerate(heads)}
             self.plan = plans.ChimeraMix(allowed, self.seed, gen.k, gen.dirichlet_alpha)
             return bank
         done = finished_units(folder, int(_fit_steps(run, method)))
-        ids = self.source_ids if method == "loft" else [self.cls]
+        ids = self.source_ids if method == "loft" else [stem]
         missing = [unit for unit in ids if unit not in done]
         if missing:
             raise RareaugError(f"{len(missing)} of {len(ids)} {method} LoRA(s) missing in {folder} (e.g. {missing[0]}); "

@@ -65,8 +65,9 @@ def create_classifier(
     weights_path: str | os.PathLike | None = None,
     tiny: bool = False,
     clip_model: str | os.PathLike | None = None,
+    num_outputs: int = 1,
 ) -> Classifier:
-    """Build a registered binary classifier (one logit: rare vs rest).
+    """Build a registered classifier: one logit (rare vs rest) or `num_outputs` (multi-class).
 
     Args:
         name: one of `list_classifiers()`.
@@ -83,9 +84,12 @@ def create_classifier(
     """
     if name not in _classifier_entrypoints:
         raise RareaugError(f"classifier {name!r} is unknown; choose one of {', '.join(list_classifiers())}")
-    return _classifier_entrypoints[name](
+    model = _classifier_entrypoints[name](
         pretrained=pretrained, weights_path=weights_path, tiny=tiny, clip_model=clip_model
     )
+    if num_outputs != 1:
+        model.head = nn.Linear(model.num_features, num_outputs)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ base class
@@ -124,8 +128,9 @@ class Classifier(nn.Module):
         raise NotImplementedError
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding (batch, num_features) -> logits (batch,)."""
-        return self.head(features).squeeze(-1)
+        """Pooled embedding (batch, num_features) -> logits (batch,), or (batch, classes) for multi-class."""
+        logits = self.head(features)
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

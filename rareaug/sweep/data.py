@@ -20,6 +20,7 @@ class Example:
     mask: Path | None = None
     group: str = ""  # patient hash, for grouped bootstrap intervals
     synthetic: bool = False
+    target: int = 0  # class index for the multi-class task (the rare class's index for synthetic images)
 
 
 @dataclasses.dataclass
@@ -37,19 +38,27 @@ class CellData:
         return sum(e.synthetic for e in self.train)
 
 
-def real_example(row: SplitRow) -> Example:
-    return Example(row.id, int(row.rare), row.abs_path, row.abs_mask, row.group)
+def class_names(rows: list[SplitRow]) -> list[str]:
+    """The multi-class task's classes: the rare class first, then the others in name order."""
+    rare = [r.cls for r in rows if r.rare][:1]
+    return rare + sorted({r.cls for r in rows} - set(rare))
+
+
+def real_example(row: SplitRow, classes: list[str] | None = None) -> Example:
+    target = classes.index(row.cls) if classes else int(row.rare)
+    return Example(row.id, int(row.rare), row.abs_path, row.abs_mask, row.group, False, target)
 
 
 def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Example]) -> CellData:
     """K = 1: train / val / test as split. K > 1: fold `fold` validates, the other folds train."""
-    test = [real_example(r) for r in rows if r.split == "test"]
+    classes = class_names(rows)
+    test = [real_example(r, classes) for r in rows if r.split == "test"]
     if folds > 1:
-        train = [real_example(r) for r in rows if r.split != "test" and r.fold != fold]
-        val = [real_example(r) for r in rows if r.split != "test" and r.fold == fold]
+        train = [real_example(r, classes) for r in rows if r.split != "test" and r.fold != fold]
+        val = [real_example(r, classes) for r in rows if r.split != "test" and r.fold == fold]
     else:
-        train = [real_example(r) for r in rows if r.split == "train"]
-        val = [real_example(r) for r in rows if r.split == "val"]
+        train = [real_example(r, classes) for r in rows if r.split == "train"]
+        val = [real_example(r, classes) for r in rows if r.split == "val"]
     return CellData(train + synthetic, val, test)
 
 

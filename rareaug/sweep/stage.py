@@ -33,17 +33,15 @@ from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
 from .data import CellData, Example, ImageCache, cell_data, real_example
 from .diversity import diversity
-from .train import positive_weight, train_cell
+from .train import class_weights, positive_weight, train_cell
 
 TEST_METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
 METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_real_neg", "n_synth", "n_train",
-                  "pos_weight_rule", "pos_weight", "threshold", *TEST_METRICS,
+                  "task", "pos_weight_rule", "pos_weight", "threshold", *TEST_METRICS,
                   *(f"{m}_ci_{end}" for m in TEST_METRICS for end in ("low", "high")),
                   "recall_at_0.5", "precision_at_0.5", "f1_at_0.5", "val_f1", "best_step",
                   "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
-# DataDream and Chimera share one LoRA (or one A) across a class's images: with folds, fold k's synthetic
-# images would carry its validation images unless each fold had its own fit, which is not built yet.
-PER_CLASS_METHODS = ("datadream", "chimera")
+
 BASELINE = "none"
 
 
@@ -54,10 +52,12 @@ class Cell:
     ratio: float
     seed: int
     fold: int
+    task: str = "binary"
 
     @property
     def name(self) -> str:
-        return f"{self.method}-r{self.ratio:g}-{self.model}-s{self.seed}-f{self.fold}"
+        suffix = "" if self.task == "binary" else f"-{self.task}"
+        return f"{self.method}-r{self.ratio:g}-{self.model}-s{self.seed}-f{self.fold}{suffix}"
 
 
 def sweep(config: Config, given: set[str] = frozenset(), console: Console | None = None) -> dict:
@@ -76,9 +76,6 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
             raise RareaugError(f"--model {model!r} is unknown; choose from {', '.join(known)} (tiny-<name> for tests)")
     rows, config, _ = frozen_split(config, given)
     folds = config.split.folds
-    if folds > 1 and any(method in PER_CLASS_METHODS for method in methods):
-        raise RareaugError("--methods datadream/chimera with folds: their class-level LoRAs would see every fold's "
-                           "validation images (per-fold fits are not built yet); sweep them on a run with --folds 1")
     run = RunDir(config.run_dir())
     out = run.path / "sweep"
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -99,8 +96,8 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
         for seed in range(sw.seeds):
             for fold in range(folds):
                 if 0 in ratios:
-                    cells.append(Cell(BASELINE, model, 0.0, seed, fold))
-                cells += [Cell(method, model, r, seed, fold) for method in methods for r in ratios if r > 0]
+                    cells.append(Cell(BASELINE, model, 0.0, seed, fold, sw.task))
+                cells += [Cell(method, model, r, seed, fold, sw.task) for method in methods for r in ratios if r > 0]
 
     # 4. Run them; each is skipped when its result exists under the same config hash.
     split_hash = hashlib.sha256(run.split_csv.read_bytes()).hexdigest()[:16]
@@ -190,14 +187,19 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
     if not data.val or not any(e.label for e in data.val):
         raise RareaugError(f"cell {cell.name}: no rare image in validation; the split cannot pick a threshold")
     seed = config.seed * 1000 + cell.seed
+    n_classes = 1 + max(e.target for e in data.train + data.val + data.test)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head's (and, without --pretrained, the backbone's) initial weights
         model = create_classifier(cell.model.removeprefix("tiny-"), pretrained=sw.pretrained, weights_path=sw.weights,
-                                  tiny=cell.model.startswith("tiny-"), clip_model=sw.clip_model)
+                                  tiny=cell.model.startswith("tiny-"), clip_model=sw.clip_model,
+                                  num_outputs=n_classes if sw.task == "multiclass" else 1)
     cache = caches.setdefault(model.input_size, ImageCache(config.recipe, model.input_size, config.data.frame))
     real_train = [e for e in data.train if not e.synthetic]
     pos_weight = positive_weight(sw.pos_weight, data, real_train)
-    outcome = train_cell(model, data, cache, sw, config.recipe.augment, pos_weight, seed, device)
+    weights = class_weights(sw.pos_weight, data, real_train, n_classes) if sw.task == "multiclass" else None
+    if weights is not None:
+        pos_weight = float(weights[0])  # the rare class's weight, reported in the same column
+    outcome = train_cell(model, data, cache, sw, config.recipe.augment, pos_weight, seed, device, weights)
 
     val_labels = [e.label for e in data.val]
     test_labels = [e.label for e in data.test]
@@ -211,7 +213,7 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
     return {
         "cell": cell.name, "method": cell.method, "model": cell.model, "ratio": cell.ratio, "seed": cell.seed,
         "fold": cell.fold, "n_real_rare": data.n_real_rare, "n_synth": data.n_synth, "n_train": len(data.train),
-        "pos_weight_rule": sw.pos_weight, "pos_weight": pos_weight, "threshold": threshold,
+        "task": sw.task, "pos_weight_rule": sw.pos_weight, "pos_weight": pos_weight, "threshold": threshold,
         **{key: test[key] for key in TEST_METRICS},
         **{f"{key}_ci_{end}": intervals[key][i] for key in TEST_METRICS for i, end in enumerate(("low", "high"))},
         "n_real_neg": sum(1 for e in real_train if not e.label), "n_val_pos": val["n_pos"], "n_val_neg": val["n_neg"],

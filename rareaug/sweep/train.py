@@ -33,6 +33,13 @@ def positive_weight(rule: str, cell: CellData, real_train: list[Example]) -> flo
     return negatives / max(positives, 1)
 
 
+def class_weights(rule: str, cell: CellData, real_train: list[Example], n_classes: int) -> torch.Tensor:
+    """Multi-class: inverse class frequency (n / (classes * n_c)), by the same train / real rule."""
+    examples = cell.train if rule == "train" else real_train
+    counts = torch.bincount(torch.tensor([e.target for e in examples]), minlength=n_classes).float()
+    return len(examples) / (n_classes * counts.clamp(min=1))
+
+
 def augment(images: torch.Tensor, augment_config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """The classifier's light augmentation, the same for every cell: flips the recipe allows, a small
     random crop. Deliberately mild: the `classic` baseline is where heavy augmentation is compared."""
@@ -51,14 +58,16 @@ def augment(images: torch.Tensor, augment_config: AugmentConfig, generator: torc
 
 
 def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, augment_config: AugmentConfig,
-               pos_weight: float, seed: int, device: torch.device) -> CellOutcome:
+               pos_weight: float, seed: int, device: torch.device, weights: torch.Tensor | None = None) -> CellOutcome:
+    """Binary (one logit, BCE with `pos_weight`) or, when class `weights` are given, multi-class (softmax,
+    weighted cross-entropy); the score is the rare class's probability either way (its index is 0)."""
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     params = list(model.trainable_parameters())
     optimizer = torch.optim.AdamW(params, lr=sweep.lr, weight_decay=sweep.weight_decay)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, sweep.steps // 20),
                              num_training_steps=sweep.steps)
-    weight = torch.tensor([pos_weight], device=device)
+    weight = (torch.tensor([pos_weight]) if weights is None else weights).to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     eval_every = sweep.eval_every or max(1, sweep.steps // 10)
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
@@ -70,10 +79,9 @@ def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, aug
         picks, order = order[:sweep.batch_size], order[sweep.batch_size:]
         examples = [cell.train[i] for i in picks]
         images = augment(cache.batch(examples), augment_config, generator).to(device)
-        labels = torch.tensor([float(e.label) for e in examples], device=device)
         with amp:
             logits = model(images).float()
-        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+        loss = _criterion(logits, examples, weight, weights is not None)
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -87,19 +95,29 @@ def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, aug
                        best[0], pos_weight)
 
 
+def _criterion(logits: torch.Tensor, examples: list[Example], weight: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    if multiclass:
+        targets = torch.tensor([e.target for e in examples], device=logits.device)
+        return F.cross_entropy(logits, targets, weight=weight)
+    labels = torch.tensor([float(e.label) for e in examples], device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+
+
 @torch.no_grad()
-def scores(model, examples: list[Example], cache: ImageCache, device: torch.device, batch: int = 64) -> list[float]:
+def _logits(model, examples: list[Example], cache: ImageCache, device: torch.device, batch: int = 64) -> torch.Tensor:
     model.eval()
-    out = []
-    for start in range(0, len(examples), batch):
-        images = cache.batch(examples[start:start + batch]).to(device)
-        out += torch.sigmoid(model(images).float()).cpu().tolist()
-    return out
+    parts = [model(cache.batch(examples[start:start + batch]).to(device)).float().cpu()
+             for start in range(0, len(examples), batch)]
+    return torch.cat(parts)
+
+
+def scores(model, examples: list[Example], cache: ImageCache, device: torch.device) -> list[float]:
+    """The rare class's probability: sigmoid of the one logit, or softmax at the rare index (0)."""
+    logits = _logits(model, examples, cache, device)
+    return (torch.sigmoid(logits) if logits.ndim == 1 else logits.softmax(dim=1)[:, 0]).tolist()
 
 
 @torch.no_grad()
 def _loss(model, examples: list[Example], cache: ImageCache, weight: torch.Tensor, device: torch.device) -> float:
-    probabilities = torch.tensor(scores(model, examples, cache, device)).clamp(1e-7, 1 - 1e-7)
-    labels = torch.tensor([float(e.label) for e in examples])
-    logits = torch.log(probabilities / (1 - probabilities))
-    return float(F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight.cpu()))
+    logits = _logits(model, examples, cache, device)
+    return float(_criterion(logits, examples, weight.cpu(), logits.ndim == 2))
