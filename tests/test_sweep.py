@@ -203,3 +203,26 @@ def test_multiclass_task_scores_the_rare_class(swept, tmp_path, invoke):
     with open(run / "sweep" / "predictions" / f"{rows[0]['cell']}.csv", newline="") as handle:
         scores = [float(r["score"]) for r in csv.DictReader(handle)]
     assert scores and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_a_cells_threshold_never_sees_test_labels(swept, tmp_path):
+    """The same cell trained twice, once with its test labels shuffled: same threshold, same val metrics."""
+    import torch
+
+    from rareaug.config import build_config
+    from rareaug.run_dir import frozen_split
+    from rareaug.sweep.data import cell_data
+
+    swept = shutil.copytree(swept, tmp_path / "run")  # run_cell writes predictions: keep the shared run intact
+    config = build_config(None, {"run": str(swept), "sweep.steps": 4, "sweep.batch_size": 8,
+                                 "sweep.pretrained": False, "sweep.bootstrap": 20})
+    rows, config, _ = frozen_split(config, set())
+    cell = stage.Cell("none", "tiny-resnet18", 0.0, 0, 0)
+    data = cell_data(rows, 1, 0, [])
+    first = stage.run_cell(cell, data, config, {}, torch.device("cpu"), swept / "sweep")
+    labels = [e.label for e in data.test]
+    random.Random(1).shuffle(labels)
+    for example, label in zip(data.test, labels):
+        example.label = label
+    second = stage.run_cell(cell, data, config, {}, torch.device("cpu"), swept / "sweep")
+    assert first["threshold"] == second["threshold"] and first["val_f1"] == second["val_f1"]

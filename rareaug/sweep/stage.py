@@ -306,12 +306,21 @@ def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
 
 
 def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
-    val_f1 = []
+    """Validation F1 and the threshold from each seed's pooled out-of-fold validation predictions; test F1
+    of every fold's model at its seed's pooled threshold; and the per-cell test metrics, mean and sd."""
+    val_f1, thresholds, test_f1_pooled_threshold = [], [], []
     for seed in sorted({c["seed"] for c in cells}):
         labels, values = _pooled(cells, seed, "val", out)
         threshold = M.choose_threshold(labels, values, sw.threshold_rule, sw.target_sensitivity)
         val_f1.append(M.binary_metrics(labels, values, threshold)["f1"])
-    entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"]}
+        thresholds.append(threshold)
+        for cell in (c for c in cells if c["seed"] == seed):
+            rows = [r for r in _predictions(out, cell["cell"]) if r["split"] == "test"]
+            test_f1_pooled_threshold.append(M.binary_metrics([int(r["label"]) for r in rows],
+                                                             [float(r["score"]) for r in rows], threshold)["f1"])
+    entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"],
+             "threshold_pooled_val": float(np.mean(thresholds)),
+             "test_f1_at_pooled_threshold_mean": float(np.mean(test_f1_pooled_threshold))}
     for key in ("f1", "recall", "precision", "pr_auc", "auroc", "sens_at_95spec"):
         mean, sd = M.mean_sd([c[key] for c in cells])
         entry[f"test_{key}_mean"], entry[f"test_{key}_sd"] = mean, sd
