@@ -181,3 +181,19 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def fitted_run(factory, n_rare: int, n_normal: int, fit_steps: int = 3) -> Path:
+    """A run directory with a LoFT fit on the tiny model (64 px), for tests that build on fit."""
+    from typer.testing import CliRunner
+
+    root = factory.mktemp("data")
+    for i in range(n_rare):
+        write_image(root / "crack" / f"c{i}.png")
+    for i in range(n_normal):
+        write_image(root / "normal" / f"n{i}.png")
+    run = factory.mktemp("runs") / "run"
+    result = CliRunner().invoke(app, ["fit", "--data", str(root), "--rare", "crack", "--run", str(run),
+                                      "--base-model", "tiny", "--resolution", "64", "--steps", str(fit_steps)])
+    assert result.exit_code == 0, result.stderr
+    return run

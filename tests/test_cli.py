@@ -207,3 +207,35 @@ def test_odd_inputs_end_in_one_line(invoke, tmp_path, folder_data, case):
     else:
         err = one_line_error(invoke, "generate", "--run", tmp_path / "nowhere", "--n", "2")
         assert "split.csv does not exist" in err and "rareaug fit" in err
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module imported by the package but missing from pyproject installs broken on a clean machine."""
+    import ast
+    import sys
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re_name(d) for d in project["dependencies"]}
+    # import name -> distribution name, where they differ
+    aliases = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "open_clip": "open_clip_torch",
+               "imagehash": "imagehash", "skimage": "scikit-image"}
+    imported = set()
+    for path in list((root / "rareaug").rglob("*.py")) + list((root / "data_adapters").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    # skimage: only `python -m rareaug.samples`, the maintainers' tool that rebuilds the shipped sample (dev extra).
+    third_party = {name for name in imported if name not in sys.stdlib_module_names
+                   and name not in ("rareaug", "data_adapters", "__future__", "skimage")}
+    missing = {name for name in third_party if re_name(aliases.get(name, name)) not in declared}
+    assert not missing, f"imported but not in pyproject dependencies: {sorted(missing)}"
+
+
+def re_name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")

@@ -22,21 +22,9 @@ FAST = ("--steps", "3", "--batch-size", "3", "--guard-threshold", "0.01")
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """One LoFT fit on the tiny model, copied for each test that changes it."""
-    from conftest import write_image
-    from typer.testing import CliRunner
+    from conftest import fitted_run
 
-    from rareaug.cli import app
-
-    root = tmp_path_factory.mktemp("data")
-    for i in range(8):
-        write_image(root / "crack" / f"c{i}.png")
-    for i in range(12):
-        write_image(root / "normal" / f"n{i}.png")
-    run = tmp_path_factory.mktemp("runs") / "run"
-    result = CliRunner().invoke(app, ["fit", "--data", str(root), "--rare", "crack", "--run", str(run),
-                                      "--base-model", "tiny", "--resolution", "64", "--steps", "3"])
-    assert result.exit_code == 0, result.stderr
-    return run
+    return fitted_run(tmp_path_factory, n_rare=8, n_normal=12)
 
 
 @pytest.fixture

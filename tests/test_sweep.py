@@ -18,23 +18,14 @@ GRID = ("--model", "tiny-resnet18", "--seeds", "1", "--steps", "4", "--batch-siz
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """fit -> sweep-ratio (which generates its pools on demand) on a small real-image folder."""
-    from conftest import write_image
+    from conftest import fitted_run
     from typer.testing import CliRunner
 
     from rareaug.cli import app
 
-    root = tmp_path_factory.mktemp("data")
-    for i in range(10):
-        write_image(root / "crack" / f"c{i}.png")
-    for i in range(20):
-        write_image(root / "normal" / f"n{i}.png")
-    run = tmp_path_factory.mktemp("runs") / "run"
-    runner = CliRunner()
-    result = runner.invoke(app, ["fit", "--data", str(root), "--rare", "crack", "--run", str(run),
-                                 "--base-model", "tiny", "--resolution", "64", "--steps", "2"])
-    assert result.exit_code == 0, result.stderr
-    result = runner.invoke(app, ["sweep-ratio", "--run", str(run), "--ratios", "0,1,2", "--methods", "loft,classic",
-                                 *GRID])
+    run = fitted_run(tmp_path_factory, n_rare=10, n_normal=20, fit_steps=2)
+    result = CliRunner().invoke(app, ["sweep-ratio", "--run", str(run), "--ratios", "0,1,2", "--methods", "loft,classic",
+                                      *GRID])
     assert result.exit_code == 0, result.stderr
     return run
 
