@@ -217,3 +217,42 @@ def test_a_cells_threshold_never_sees_test_labels(swept, tmp_path):
         example.label = label
     second = stage.run_cell(cell, data, config, {}, torch.device("cpu"), swept / "sweep")
     assert first["threshold"] == second["threshold"] and first["val_f1"] == second["val_f1"]
+
+
+def test_mean_f1_equals_sklearn():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(50) < 0.2
+    decisions = rng.random((3, 50)) < 0.3
+    expected = np.mean([f1_score(labels, row, zero_division=0) for row in decisions])
+    assert stage.mean_f1(decisions, labels) == pytest.approx(expected)
+    assert stage.mean_f1(np.zeros((1, 5), bool), np.zeros(5, bool)) == 0.0
+
+
+def test_a_class_seen_only_in_test_does_not_shape_the_model():
+    from types import SimpleNamespace
+
+    from rareaug.sweep.data import class_names, real_example
+
+    rows = [SimpleNamespace(cls="crack", rare=True, split="train"), SimpleNamespace(cls="normal", rare=False, split="val"),
+            SimpleNamespace(cls="aaa", rare=False, split="test")]
+    assert class_names(rows) == ["crack", "normal"]
+    row = SimpleNamespace(cls="aaa", rare=False, id="n1", abs_path=None, abs_mask=None, group="", split="test")
+    assert real_example(row, class_names(rows)).target == -1
+
+
+def test_a_changed_synthetic_image_retrains_the_cells_that_use_it(swept, tmp_path, invoke, monkeypatch):
+    from conftest import write_image
+
+    run = shutil.copytree(swept, tmp_path / "run")
+    pool = next((run / "synthetic").glob("loft-*"))
+    first = sorted(pool.glob("s*.png"))[0]
+    write_image(first, size=64)  # same name, other pixels: as if the pool had been regenerated
+    retrained = []
+    original = stage.run_cell
+    monkeypatch.setattr(stage, "run_cell", lambda cell, *a, **k: retrained.append(cell.name) or original(cell, *a, **k))
+    code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1,2", "--methods", "loft,classic", *GRID)
+    assert code == 0, err
+    assert retrained and all(name.startswith("loft-") for name in retrained)

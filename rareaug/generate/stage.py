@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, FitConfig
 from ..errors import RareaugError
 from ..fit import finished_units, model_label, resolve_device, safe_name
 from ..images import model_input
@@ -236,7 +236,8 @@ def _with_fit_settings(config: Config, fit_stage: dict | None) -> Config:
         raise RareaugError(f"--base-model {gen.base_model}: the {gen.method} LoRAs were fitted on {base}; "
                            "sample on the model they were trained on")
     recipe = dataclasses.replace(config.recipe, resolution=fit_stage["recipe"]["resolution"])
-    fit = dataclasses.replace(config.fit, targets=fit_stage["fit"]["targets"], base_model=base)
+    # The whole fit the LoRAs came from, so a refit under another config makes this pool's record differ.
+    fit = FitConfig(**fit_stage["fit"])
     return dataclasses.replace(config, recipe=recipe, fit=fit, generate=dataclasses.replace(gen, base_model=base))
 
 

@@ -21,6 +21,7 @@ class Example:
     group: str = ""  # patient hash, for grouped bootstrap intervals
     synthetic: bool = False
     target: int = 0  # class index for the multi-class task (the rare class's index for synthetic images)
+    digest: str = ""  # synthetic images: a hash of the file, so a changed pool never reuses old results
 
 
 @dataclasses.dataclass
@@ -39,13 +40,16 @@ class CellData:
 
 
 def class_names(rows: list[SplitRow]) -> list[str]:
-    """The multi-class task's classes: the rare class first, then the others in name order."""
-    rare = [r.cls for r in rows if r.rare][:1]
-    return rare + sorted({r.cls for r in rows} - set(rare))
+    """The multi-class task's classes: the rare class first, then the others in name order — from train
+    and validation rows only: a class seen only in test must not shape the model."""
+    seen = [r for r in rows if r.split != "test"]
+    rare = [r.cls for r in seen if r.rare][:1]
+    return rare + sorted({r.cls for r in seen} - set(rare))
 
 
 def real_example(row: SplitRow, classes: list[str] | None = None) -> Example:
-    target = classes.index(row.cls) if classes else int(row.rare)
+    # A test-only class gets no index (-1): it is a negative for every metric, never a training target.
+    target = (classes.index(row.cls) if row.cls in classes else -1) if classes else int(row.rare)
     return Example(row.id, int(row.rare), row.abs_path, row.abs_mask, row.group, False, target)
 
 

@@ -76,6 +76,12 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
             raise RareaugError(f"--model {model!r} is unknown; choose from {', '.join(known)} (tiny-<name> for tests)")
     rows, config, _ = frozen_split(config, given)
     folds = config.split.folds
+    for fold in range(folds):  # before any pool is made: a threshold needs rare validation images
+        validation = [r for r in rows if r.rare and r.split != "test" and (r.fold == fold if folds > 1 else r.split == "val")]
+        if not validation:
+            raise RareaugError(f"{'fold ' + str(fold) if folds > 1 else 'validation'} has no rare image in "
+                               f"{RunDir(config.run_dir()).split_csv}: no threshold can be chosen; make a new run "
+                               "with more rare images or fewer folds")
     run = RunDir(config.run_dir())
     out = run.path / "sweep"
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
             progress.update(task, cell=cell.name)
             synthetic = _prefix(pools, cell, rows, folds)
             data = cell_data(rows, folds, cell.fold, synthetic)
-            key = _cell_hash(cell, config, split_hash, [e.id for e in synthetic])
+            key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic])
             marker = out / "cells" / f"{cell.name}.json"
             if marker.exists() and json.loads(marker.read_text()).get("hash") == key:
                 results.append(json.loads(marker.read_text())["row"])
@@ -119,8 +125,6 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
                 continue
             try:
                 row = run_cell(cell, data, config, caches, device, out)
-            except RareaugError:
-                raise  # bad input is everybody's problem: stop with its one line
             except Exception as error:  # one failing cell must not lose the others
                 failed.append(cell.name)
                 console.print(f"[red]cell {cell.name} failed:[/] {type(error).__name__}: {error}")
@@ -135,7 +139,7 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
     _add_diversity(results, pools, rows, config)
     _write_metrics(out / "metrics.csv", results)
     summary = summarise(results, out, config, failed, {row.id: row.group for row in rows if row.group})
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", _strict_json(summary))
     atomic_write_text(out / "summary.md", summary_markdown(summary))
     console.print(f"sweep-ratio: {len(results)} cell(s) in {out}/metrics.csv; summary in {out}/summary.md")
     if failed:
@@ -160,7 +164,8 @@ def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int,
     variant = variant_name(local)
     kept = kept_rows(Manifest(result.folder).rows())
     cls = next(row.cls for row in rows if row.rare)
-    return [Example(f"{variant}:{row['file'][:-4]}", 1, result.folder / row["file"], None, "", True)
+    return [Example(f"{variant}:{row['file'][:-4]}", 1, result.folder / row["file"], None, "", True, 0,
+                    hashlib.sha256((result.folder / row["file"]).read_bytes()).hexdigest()[:16])
             for row in kept if row["class"] == cls]
 
 
@@ -174,10 +179,12 @@ def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example
 
 def _cell_hash(cell: Cell, config: Config, split_hash: str, synthetic_ids: list[str]) -> str:
     sw = dataclasses.asdict(config.sweep)
-    for key in ("ratios", "methods", "models", "seeds", "executor", "generate_steps", "bootstrap"):
+    for key in ("ratios", "methods", "models", "seeds", "executor", "generate_steps"):
         sw.pop(key)
+    recipe = config.recipe
     payload = json.dumps({"cell": cell.name, "sweep": sw, "seed": config.seed, "split": split_hash,
-                          "augment": dataclasses.asdict(config.recipe.augment), "synthetic": synthetic_ids,
+                          "augment": dataclasses.asdict(recipe.augment), "synthetic": synthetic_ids,
+                          "inputs": [recipe.crop, recipe.fallback_crop, config.data.frame],
                           "version": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -187,7 +194,7 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
     if not data.val or not any(e.label for e in data.val):
         raise RareaugError(f"cell {cell.name}: no rare image in validation; the split cannot pick a threshold")
     seed = config.seed * 1000 + cell.seed
-    n_classes = 1 + max(e.target for e in data.train + data.val + data.test)
+    n_classes = 1 + max(e.target for e in data.train + data.val)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head's (and, without --pretrained, the backbone's) initial weights
         model = create_classifier(cell.model.removeprefix("tiny-"), pretrained=sw.pretrained, weights_path=sw.weights,
@@ -207,6 +214,9 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
     val = M.binary_metrics(val_labels, outcome.val_scores, threshold)
     test = M.binary_metrics(test_labels, outcome.test_scores, threshold)
     half = M.binary_metrics(test_labels, outcome.test_scores, 0.5)
+    if not any(test_labels):  # no rare test image: recall and F1 are undefined, not 0
+        for metrics in (test, half):
+            metrics.update(recall=float("nan"), f1=float("nan"))
     groups = [e.group or e.id for e in data.test]
     intervals = M.bootstrap_intervals(test_labels, outcome.test_scores, threshold, groups, sw.bootstrap, seed)
     _write_predictions(out / "predictions" / f"{cell.name}.csv", data, outcome)
@@ -276,9 +286,10 @@ def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
     summary = {"rareaug_version": __version__, "failed_cells": failed, "pos_weight_rule": sw.pos_weight,
                "decision_rule": ("recommended ratio = highest mean validation F1 (pooled out-of-fold validation "
                                  "predictions, threshold chosen on them, averaged over seeds; ties go to the "
-                                 "smaller ratio); the test set never takes part. Gain over ratio 0 is "
-                                 "distinguishable when the 95% paired bootstrap interval of the test F1 "
-                                 "difference (seed-averaged scores, groups = patients when known) excludes 0."),
+                                 "smaller ratio); the test set never takes part. Gain over ratio 0 = test F1 "
+                                 "of the same models at those thresholds, averaged over seeds and folds; it is "
+                                 "distinguishable from noise when its 95% paired bootstrap interval (over test "
+                                 "images, whole patients when known) excludes 0."),
                "models": {}}
     by_model = {}
     for row in results:
@@ -309,9 +320,8 @@ def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
     """Validation F1 and the threshold from each seed's pooled out-of-fold validation predictions; test F1
     of every fold's model at its seed's pooled threshold; and the per-cell test metrics, mean and sd."""
     val_f1, thresholds, test_f1_pooled_threshold = [], [], []
-    for seed in sorted({c["seed"] for c in cells}):
+    for seed, threshold in _pooled_thresholds(cells, out, sw).items():
         labels, values = _pooled(cells, seed, "val", out)
-        threshold = M.choose_threshold(labels, values, sw.threshold_rule, sw.target_sensitivity)
         val_f1.append(M.binary_metrics(labels, values, threshold)["f1"])
         thresholds.append(threshold)
         for cell in (c for c in cells if c["seed"] == seed):
@@ -325,6 +335,15 @@ def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
         mean, sd = M.mean_sd([c[key] for c in cells])
         entry[f"test_{key}_mean"], entry[f"test_{key}_sd"] = mean, sd
     return entry
+
+
+def _pooled_thresholds(cells: list[dict], out: Path, sw) -> dict[int, float]:
+    """Each seed's threshold, chosen on its pooled out-of-fold validation predictions."""
+    thresholds = {}
+    for seed in sorted({c["seed"] for c in cells}):
+        labels, values = _pooled(cells, seed, "val", out)
+        thresholds[seed] = M.choose_threshold(labels, values, sw.threshold_rule, sw.target_sensitivity)
+    return thresholds
 
 
 def _pooled(cells: list[dict], seed: int, split: str, out: Path) -> tuple[list[int], list[float]]:
@@ -345,27 +364,59 @@ def _predictions(out: Path, cell: str) -> list[dict]:
 
 
 def _gain(rows, baseline, method, ratio, out, sw, group_of: dict[str, str]) -> dict:
-    """Paired bootstrap of test F1: recommended ratio vs ratio 0, scores averaged over seeds and folds."""
-    def averaged(cells):
-        scores, labels = {}, {}
-        for cell in cells:
-            for row in _predictions(out, cell["cell"]):
-                if row["split"] == "test":
-                    scores.setdefault(row["id"], []).append(float(row["score"]))
-                    labels[row["id"]] = int(row["label"])
-        ids = sorted(scores)
-        return ids, [labels[i] for i in ids], [float(np.mean(scores[i])) for i in ids], \
-            float(np.mean([c["threshold"] for c in cells]))
-
+    """Test F1 of the recommended ratio minus ratio 0, for the models and thresholds the table reports:
+    every (seed, fold) model at its seed's pooled-validation threshold, F1 averaged over those models.
+    The 95% interval is a paired bootstrap over test images (whole patients when known), the same
+    resamples for both sides; the gain is distinguishable from noise when the interval excludes 0."""
     chosen = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
-    ids_a, labels, scores_a, threshold_a = averaged(baseline)
-    ids_b, _, scores_b, threshold_b = averaged(chosen)
-    if ids_a != ids_b:
+    ids, labels, before = _test_decisions(baseline, out, sw)
+    ids_b, _, after = _test_decisions(chosen, out, sw)
+    if ids != ids_b:
         return {"error": "ratio 0 and the chosen ratio were tested on different images"}
-    groups = [group_of.get(i, i) for i in ids_a]  # patients when known, else each image alone
-    result = M.paired_bootstrap_difference(labels, scores_a, threshold_a, scores_b, threshold_b, "f1", groups,
-                                           sw.bootstrap, 0)
-    return {key: (bool(v) if key == "distinguishable" else float(v)) for key, v in result.items()}
+    groups = np.array([group_of.get(i, i) for i in ids])
+    unique, members = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(0)
+    differences = []
+    for _ in range(sw.bootstrap):
+        picked = rng.integers(0, len(unique), len(unique))
+        index = np.concatenate([np.nonzero(members == g)[0] for g in picked])
+        differences.append(mean_f1(after[:, index], labels[index]) - mean_f1(before[:, index], labels[index]))
+    low, high = np.nanpercentile(differences, [2.5, 97.5])
+    diff = mean_f1(after, labels) - mean_f1(before, labels)
+    return {"diff": float(diff), "low": float(low), "high": float(high), "distinguishable": bool(low > 0 or high < 0)}
+
+
+def _test_decisions(cells: list[dict], out: Path, sw) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(test ids, labels, decisions[cell, image]) with each seed's pooled-validation threshold."""
+    thresholds = _pooled_thresholds(cells, out, sw)
+    ids, labels, decisions = None, None, []
+    for cell in cells:
+        rows = sorted((r for r in _predictions(out, cell["cell"]) if r["split"] == "test"), key=lambda r: r["id"])
+        ids = ids or [r["id"] for r in rows]
+        labels = np.array([int(r["label"]) for r in rows], dtype=bool)
+        decisions.append(np.array([float(r["score"]) >= thresholds[cell["seed"]] for r in rows]))
+    return ids, labels, np.stack(decisions)
+
+
+def mean_f1(decisions: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over rows of F1 (zero_division = 0, as sklearn's f1_score). By hand, vectorised: it runs for
+    every bootstrap resample and every model, where a call into sklearn per pair would take minutes."""
+    tp = (decisions & labels).sum(axis=1)
+    fp = (decisions & ~labels).sum(axis=1)
+    fn = (~decisions & labels).sum(axis=1)
+    denominator = 2 * tp + fp + fn
+    return float(np.mean(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)))
+
+
+def _strict_json(value):
+    """NaN and infinities become null: summary.json is read by other tools, and strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def summary_markdown(summary: dict) -> str:
@@ -385,6 +436,9 @@ def summary_markdown(summary: dict) -> str:
             lines.append("")
             if entry["recommended_ratio"] == 0:
                 lines.append("Recommendation: **no synthetic data** (ratio 0 had the best validation F1).")
+            elif "0" not in entry["ratios"]:
+                lines.append(f"Recommendation: **{entry['recommended_ratio']:g}×** among the ratios swept; ratio 0 "
+                             "was not in --ratios, so there is no baseline to say whether synthetic data helps.")
             elif gain and "diff" in gain:
                 verdict = "distinguishable from noise" if gain["distinguishable"] else "**not** distinguishable from noise"
                 lines.append(f"Recommendation: **{entry['recommended_ratio']:g}×**. Test F1 gain over ratio 0: "
