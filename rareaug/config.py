@@ -383,6 +383,11 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
     raise RareaugError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
 
 
+def hash_path(value: str) -> str:
+    """How stage records name a data path: by a hash of it, never the path itself."""
+    return "sha256:" + hashlib.sha256(str(Path(value).expanduser().resolve()).encode()).hexdigest()[:16]
+
+
 def stage_record(config: Config) -> dict[str, Any]:
     """The config as written to `stages/*.yaml`: paths hashed, since split.csv is the only file with paths."""
     record = config.to_dict()
@@ -390,6 +395,5 @@ def stage_record(config: Config) -> dict[str, Any]:
     for name in PATH_FIELDS:
         value = record["data"].get(name)
         if value:
-            digest = hashlib.sha256(str(Path(value).expanduser().resolve()).encode()).hexdigest()[:16]
-            record["data"][name] = f"sha256:{digest}"
+            record["data"][name] = hash_path(value)
     return record

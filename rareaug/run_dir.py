@@ -10,7 +10,7 @@ import yaml
 
 from data_adapters import Dataset, load_dataset
 
-from .config import Config, SplitConfig, stage_record
+from .config import Config, SplitConfig, hash_path, stage_record
 from .errors import RareaugError
 from .io import atomic_write_json, atomic_write_yaml
 from .split import SplitRow, make_split, read_split, write_split
@@ -110,12 +110,6 @@ def _flat(config: Config) -> dict[str, Any]:
             for key, value in dataclasses.asdict(getattr(config, section)).items()}
 
 
-def _hash_path(value: str | None) -> str | None:
-    if not value:
-        return None
-    return "sha256:" + hashlib.sha256(str(Path(value).expanduser().resolve()).encode()).hexdigest()[:16]
-
-
 def load_data(config: Config) -> tuple[Dataset, Dataset | None]:
     """Decode the user's data (and --test-data) as the config says; refuse too few rare images."""
     data = config.data
@@ -173,7 +167,7 @@ def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunD
     for key in sorted(set(SPLIT_KEYS) & given):
         mine, theirs = current[key], frozen.get(key)
         if key in ("data.data", "data.test_data"):
-            mine = _hash_path(mine)  # the split stores only a hash of its paths
+            mine = hash_path(mine) if mine else None  # the split stores only a hash of its paths
         elif key == "data.rare" and isinstance(mine, str) and isinstance(theirs, str):
             mine, theirs = mine.lower(), theirs.lower()  # --rare is case-insensitive
         if mine != theirs:

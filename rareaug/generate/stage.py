@@ -295,7 +295,7 @@ class _ImageMaker:
             self.slot_of = {head: slot for slot, head in enumerate(heads)}
             self.plan = plans.ChimeraMix(allowed, self.seed, gen.k, gen.dirichlet_alpha)
             return bank
-        done = finished_units(folder, int(_fit_steps(run, method)))
+        done = finished_units(folder, self.config.fit.steps)
         ids = self.source_ids if method == "loft" else [stem]
         missing = [unit for unit in ids if unit not in done]
         if missing:
@@ -341,10 +341,6 @@ class _ImageMaker:
             "nearest_real_id": nearest, "nearest_real_distance": f"{distance:.6g}", "kept": int(kept),
             "reject_reason": reason,
         }
-
-
-def _fit_steps(run: RunDir, method: str) -> int:
-    return yaml.safe_load(run.stage_config("fit", method).read_text())["fit"]["steps"]
 
 
 def _is_gray(row: SplitRow) -> bool:

@@ -173,7 +173,9 @@ def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example
     """The first ratio x (real rare training images) kept images of the cell's pool."""
     if cell.ratio == 0:
         return []
-    n_real = sum(1 for r in rows if r.rare and (r.split == "train" if folds == 1 else (r.split != "test" and r.fold != cell.fold)))
+    from ..generate.stage import source_rows
+
+    n_real = len(source_rows(rows, folds, cell.fold if folds > 1 else None))
     return pools[cell.method, cell.fold][:int(round(cell.ratio * n_real))]
 
 
