@@ -214,6 +214,7 @@ def sweep_ratio(
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per cell (default 3).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per cell, the same at every ratio (default 500).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step (default 32).")] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Classifier input side in pixels (default the model's own, 224 for ResNets; small images train far faster at their own size).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default 1e-4).")] = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="ImageNet / CLIP weights from the local cache (default) or random init.")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="A local ImageNet checkpoint for the ResNets.")] = None,
@@ -234,7 +235,7 @@ def sweep_ratio(
     cfg, given = make_config(
         config, run=run, seed=seed, device=device, split__folds=folds, sweep__ratios=ratios, sweep__methods=methods,
         sweep__models=",".join(model) if model else None, sweep__seeds=seeds, sweep__steps=steps,
-        sweep__batch_size=batch_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
+        sweep__batch_size=batch_size, sweep__input_size=input_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
         sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
         sweep__generate_steps=generate_steps, generate__guard_threshold=guard_threshold,
     )

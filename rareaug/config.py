@@ -122,6 +122,7 @@ class SweepConfig:
     seeds: int = 3
     steps: int = 500
     batch_size: int = 32
+    input_size: int | None = None  # the classifier's input side; None: the model's own (224 for the ResNets)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     pretrained: bool = True
@@ -315,6 +316,8 @@ def check_config(config: Config) -> None:
     for name in ("seeds", "steps", "batch_size", "bootstrap"):
         if getattr(sweep, name) < 1:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(sweep, name)}")
+    if sweep.input_size is not None and sweep.input_size < 16:
+        raise RareaugError(f"--input-size must be at least 16 pixels, got {sweep.input_size}")
 
 
 def parse_ratios(text: str) -> list[float]:

@@ -9,7 +9,7 @@ from sklearn.metrics import (average_precision_score, f1_score, precision_score,
                              roc_auc_score)
 
 from rareaug.errors import RareaugError
-from rareaug.sweep.metrics import (METRICS, _compute, _draws, _resamples, binary_metrics, bootstrap_intervals,
+from rareaug.sweep.metrics import (METRICS, _compute, _draws, resample_indices, binary_metrics, bootstrap_intervals,
                                    choose_threshold, mean_sd, paired_bootstrap_difference)
 
 
@@ -115,7 +115,7 @@ def test_bootstrap_draws_equal_metrics_on_each_resample():
     """The vectorised resample scoring (padded, multilabel sklearn calls) matches binary_metrics per resample."""
     y, s = _scored(60, seed=5)
     groups = [f"p{i % 17}" for i in range(60)]
-    chunk = list(_resamples(groups, 60, 25, seed=1)) + [np.array([0, 1, 2]), np.array([7, 7])]
+    chunk = list(resample_indices(groups, 60, 25, seed=1)) + [np.array([0, 1, 2]), np.array([7, 7])]
     for threshold in (0.5, -1.0, 2.0):
         draws = _draws(y, s, threshold, chunk, METRICS)
         for j, idx in enumerate(chunk):
@@ -197,7 +197,7 @@ def test_clearly_better_classifier_is_distinguishable():
     assert worse["high"] < 0 and worse["distinguishable"] is True
 
 
-def test_paired_difference_uses_the_same_resamples():
+def test_paired_difference_uses_the_sameresample_indices():
     # b is a shifted by a constant and thresholded by the same shift: identical predictions on every resample.
     y, s = _scored(300, seed=13)
     d = paired_bootstrap_difference(y, s, 0.4, s + 0.25, 0.65, metric="recall", n_boot=200)

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import RareaugError
 from ..lora.bank import LoRABank
+from ..models.base import vae_scale_factor
 
 # Short names for the schedulers people ask for; any diffusers scheduler class name works too.
 SCHEDULERS = {
@@ -59,7 +60,7 @@ class BankSampler:
         self.guidance, self.steps, self.device = guidance, steps, device
         self.scheduler_name = scheduler
         self.scheduler_config = base.scheduler.config
-        self.latent_size = resolution // 8
+        self.latent_size = resolution // vae_scale_factor(base.vae)
         # Fails early on a bad --scheduler, before anything is sampled.
         make_scheduler(scheduler, self.scheduler_config, base.sampling_scheduler)
         with torch.no_grad():

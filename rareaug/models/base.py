@@ -1,4 +1,5 @@
-"""The frozen Stable Diffusion 1.x/2.x that every LoRA is trained on: a hub id, a folder, a single file, or `tiny`.
+"""The frozen Stable Diffusion 1.x/2.x that every LoRA is trained on: a hub id, a folder, a single file, `mini`
+(the small pretrained model shipped in the package) or `tiny` (random weights, for tests).
 
 Nothing here touches the network: every load is `local_files_only`, and a model that is not on this machine
 ends in one line that says how to get it. Specs are checked cheaply (a few small JSON files) before any
@@ -88,10 +89,10 @@ def check_base_model_spec(spec: str) -> str:
     """Classify `--base-model` from the file system and a few small JSON files, before any weights load.
 
     Returns:
-        "tiny", "folder", "single_file" or "hub".
+        "tiny", "mini", "folder", "single_file" or "hub".
     """
-    if spec == "tiny":
-        return "tiny"
+    if spec in ("tiny", "mini"):
+        return spec
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         _check_diffusers_folder(path)
@@ -101,17 +102,17 @@ def check_base_model_spec(spec: str) -> str:
             raise RareaugError(f"{spec}: not a model file (expected .safetensors or .ckpt); {ACCEPTED_FORMS}")
         return "single_file"
     if _looks_like_path(spec):
-        raise RareaugError(f"{spec}: no such file or folder; {ACCEPTED_FORMS}, or tiny")
+        raise RareaugError(f"{spec}: no such file or folder; {ACCEPTED_FORMS}, or mini / tiny")
     if _HUB_ID.match(spec):
         return "hub"
-    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, or tiny for a smoke test")
+    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, mini (the shipped 32-px model) or tiny for a smoke test")
 
 
 def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load a frozen SD 1.x/2.x model without touching the network.
 
     Args:
-        spec: "tiny", a diffusers folder, a .safetensors/.ckpt file, or a hub id already in the local cache.
+        spec: "tiny", "mini", a diffusers folder, a .safetensors/.ckpt file, or a hub id already in the local cache.
         device: where the modules go.
         dtype: their parameter dtype.
     """
@@ -120,6 +121,10 @@ def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.
     # 2. Read the components
     if kind == "tiny":
         components = build_tiny_components()
+    elif kind == "mini":
+        from .mini import load_mini_components
+
+        components = load_mini_components()
     elif kind == "folder":
         components = _load_folder(spec)
     elif kind == "single_file":
@@ -129,10 +134,15 @@ def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.
     # 3. Refuse a stand-in tokenizer (transformers 5 makes one when tokenizer files are missing)
     check_tokenizer(components["tokenizer"], f"base model {spec}")
     # 4. Freeze and place
-    return _frozen_base_model(components, spec, kind == "tiny", device, dtype)
+    return frozen_base_model(components, spec, kind == "tiny", device, dtype)
 
 
-def _frozen_base_model(components: dict, spec: str, is_tiny: bool, device, dtype) -> BaseModel:
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell: 8 for SD, 4 for the mini model (diffusers pipelines compute it the same way)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def frozen_base_model(components: dict, spec: str, is_tiny: bool, device, dtype) -> BaseModel:
     for name in ("unet", "vae", "text_encoder"):
         module = components[name]
         module.requires_grad_(False)

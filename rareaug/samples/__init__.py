@@ -1,8 +1,10 @@
 """Small real images shipped with the package, so `rareaug demo` runs on a fresh machine with no download.
 
+`fashion/`: real Fashion-MNIST training images (MIT licence, see fashion/LICENSE.txt), 32 px: 24 pullovers
+(the rare class, never seen by the mini model) and 40 of each other class. The demo's default data.
 `textures/`: 64x64 grayscale crops of three real photographs from scikit-image's data set (brick, grass,
-gravel; public domain / CC0, see textures/LICENSE.txt). Gravel is the rare class. Rebuild with
-`python -m rareaug.samples` (needs scikit-image, in the dev extra).
+gravel; public domain / CC0, see textures/LICENSE.txt). Gravel is the rare class.
+Rebuild both with `python -m rareaug.samples` (needs scikit-image and the dataset-fashion-mnist package).
 """
 from __future__ import annotations
 
@@ -13,8 +15,41 @@ TEXTURE_COUNTS = {"brick": 24, "grass": 24, "gravel": 12}
 CROP = 64
 
 
+FASHION_RARE = "pullover"
+FASHION_COUNTS = {"pullover": 24, **{name: 40 for name in ("t-shirt", "trouser", "dress", "coat", "sandal", "shirt",
+                                                          "sneaker", "bag", "ankle-boot")}}
+FASHION_LICENSE = """Fashion-MNIST images, copyright (c) 2017 Zalando SE, https://github.com/zalandoresearch/fashion-mnist
+
+The MIT License (MIT). Permission is hereby granted, free of charge, to any person obtaining a copy of this
+software and associated documentation files (the "Software"), to deal in the Software without restriction,
+including without limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or
+sell copies of the Software, and to permit persons to whom the Software is furnished to do so, subject to the
+following conditions: The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software. THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE
+SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+
+Files are named fm-train-<index>.png by their index in train-images-idx3-ubyte; 28 px padded to 32 with black.
+"""
+
+
 def sample_root() -> Path:
     return SAMPLES / "textures"
+
+
+def fashion_root() -> Path:
+    return SAMPLES / "fashion"
+
+
+def build_fashion_sample(out: Path = SAMPLES / "fashion", seed: int = 0) -> None:
+    """A seeded draw of real training images; the mini model never saw the pullovers among them."""
+    from .fashion_mnist import load_fashion_mnist, seeded_subset, write_class_folders
+
+    images, labels = load_fashion_mnist("train")
+    write_class_folders(out, "train", seeded_subset(labels, FASHION_COUNTS, seed), images, labels)
+    (out / "LICENSE.txt").write_text(FASHION_LICENSE)
 
 
 def build_texture_sample(out: Path = SAMPLES / "textures") -> None:

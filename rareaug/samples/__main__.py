@@ -1,3 +1,4 @@
-from rareaug.samples import build_texture_sample
+from rareaug.samples import build_fashion_sample, build_texture_sample
 
 build_texture_sample()
+build_fashion_sample()

@@ -128,7 +128,7 @@ def _group_ids(groups, n: int) -> np.ndarray:
     return np.array([index.setdefault(k, len(index)) for k in keys])
 
 
-def _resamples(groups, n: int, n_boot: int, seed: int):
+def resample_indices(groups, n: int, n_boot: int, seed: int):
     """Yield index arrays for each bootstrap resample: images, or whole groups when groups are given."""
     gid = _group_ids(groups, n)
     n_groups = int(gid.max()) + 1
@@ -242,7 +242,7 @@ def bootstrap_intervals(labels, scores, threshold: float, groups=None, n_boot: i
     y, s = _arrays(labels, scores)
     threshold = float(threshold)
     parts = [_draws(y, s, threshold, chunk, METRICS)
-             for chunk in _chunks(_resamples(groups, len(y), n_boot, seed), len(y))]
+             for chunk in _chunks(resample_indices(groups, len(y), n_boot, seed), len(y))]
     return {k: _percentiles(np.concatenate([p[k] for p in parts]), level) for k in METRICS}
 
 
@@ -275,10 +275,42 @@ def paired_bootstrap_difference(labels, scores_a, threshold_a: float, scores_b, 
     ta, tb = float(threshold_a), float(threshold_b)
     diff = _compute(y, sb, tb)[metric] - _compute(y, sa, ta)[metric]
     parts = [_draws(y, sb, tb, chunk, [metric])[metric] - _draws(y, sa, ta, chunk, [metric])[metric]
-             for chunk in _chunks(_resamples(groups, len(y), n_boot, seed), len(y))]
+             for chunk in _chunks(resample_indices(groups, len(y), n_boot, seed), len(y))]
     low, high = _percentiles(np.concatenate(parts), level)
     return {"diff": float(diff), "low": low, "high": high,
             "distinguishable": bool(low > 0 or high < 0)}  # NaN bounds compare False: not distinguishable
+
+
+def seed_mean_intervals(labels, runs: Sequence[tuple[Sequence[float], float]], metrics: Sequence[str] = METRICS,
+                        groups=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple]:
+    """A metric averaged over several runs (seeds) on one test set, with a bootstrap interval for that average.
+
+    Each resample of the test images is shared by every run, so the interval is the test-sampling
+    uncertainty of the seed mean; the spread between seeds is reported separately (mean_sd).
+
+    Args:
+        labels: Test labels, 1 = rare.
+        runs: (scores, threshold) per run, all on the same test images in the same order.
+        metrics: Names from METRICS.
+        groups, n_boot, seed, level: as in bootstrap_intervals.
+
+    Returns:
+        metric -> (mean over runs on all images, low, high).
+    """
+    _check_boot(n_boot, level)
+    if not runs:
+        raise RareaugError("no runs to average")
+    y, _ = _arrays(labels, runs[0][0])
+    arrays = [(_arrays(labels, scores)[1], float(threshold)) for scores, threshold in runs]
+    point = {name: float(np.nanmean([_compute(y, s, t)[name] for s, t in arrays])) for name in metrics}
+    draws: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
+    for chunk in _chunks(resample_indices(groups, len(y), n_boot, seed), len(y)):
+        per_run = [_draws(y, s, t, chunk, metrics) for s, t in arrays]
+        for name in metrics:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an all-NaN column is skipped by _percentiles
+                draws[name].append(np.nanmean(np.stack([run[name] for run in per_run]), axis=0))
+    return {name: (point[name], *_percentiles(np.concatenate(draws[name]), level)) for name in metrics}
 
 
 def mean_sd(values) -> tuple[float, float]:
