@@ -45,7 +45,7 @@ N_OTHER = 300
 SHOWN = ("f1", "recall", "pr_auc")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rare", required=True, choices=RARE_CLASSES)
     parser.add_argument("--k", type=int, default=20, help="real rare training images (train + validation)")
@@ -54,10 +54,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"ratios {QUICK_RATIOS} and 1 seed")
     parser.add_argument("--ratios", default=None, help=f"override the ratios ({FULL_RATIOS})")
     parser.add_argument("--sweep-steps", type=int, default=None, help="classifier steps per cell (recipe: 500)")
+    parser.add_argument("--fit-steps", type=int, default=None, help="LoRA steps (method defaults); for smoke runs")
+    parser.add_argument("--test-per-class", type=int, default=None,
+                        help="a seeded subset of the test set (default: all 1,000 per class); for smoke runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=None, help="run folder (default runs/evidence-<class>-k<k>[-quick])")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.k < 5:
         parser.error("--k must be at least 5: the split needs rare images in train and validation")
     seeds = args.seeds or (1 if args.quick else 3)
@@ -67,19 +70,24 @@ def main() -> None:
     started = time.monotonic()
 
     # 1. Real data: the training draw and the whole test set, as class folders.
-    data, test = work / "data", ROOT / "runs" / "evidence-test"
+    data = work / "data"
+    shared = args.work.parent if args.work else ROOT / "runs"  # the test set is shared by every class and k
+    test = shared / ("evidence-test" if args.test_per_class is None else f"evidence-test-{args.test_per_class}")
     counts = {name: (args.k if name == args.rare else N_OTHER) for name in CLASSES}
     images, labels = load_fashion_mnist("train")
     write_class_folders(data, "train", seeded_subset(labels, counts, seed=0), images, labels)
     test_images, test_labels = load_fashion_mnist("test")
-    write_class_folders(test, "test", np.arange(len(test_labels)), test_images, test_labels)
-    print(f"data: {sum(counts.values())} training images in {data}; {len(test_labels)} test images in {test}", flush=True)
+    chosen = (np.arange(len(test_labels)) if args.test_per_class is None else
+              seeded_subset(test_labels, {name: args.test_per_class for name in CLASSES}, seed=0))
+    write_class_folders(test, "test", chosen, test_images, test_labels)
+    print(f"data: {sum(counts.values())} training images in {data}; {len(chosen)} test images in {test}", flush=True)
 
     # 2. The commands a user would run.
     run = work / "run"
     common = ["--config", "fashion_mnist", "--run", str(run), "--device", args.device]
     split = ["--data", str(data), "--test-data", str(test), "--rare", args.rare, "--folds", str(args.folds)]
-    commands = [["fit", *common, *split, "--method", method] for method in LORA_METHODS]
+    fit_steps = ["--steps", str(args.fit_steps)] if args.fit_steps else []
+    commands = [["fit", *common, *split, "--method", method, *fit_steps] for method in LORA_METHODS]
     sweep = ["sweep-ratio", *common, "--folds", str(args.folds), "--methods", ",".join(LORA_METHODS + BASELINES),
              "--seeds", str(seeds), "--ratios", ratios]
     if args.sweep_steps:
@@ -96,7 +104,7 @@ def main() -> None:
 
     # 3. The evidence.
     evidence = collect(run, args, seeds, ratios, minutes, (time.monotonic() - started) / 60,
-                       " ".join(["python", "bench/evidence.py", *sys.argv[1:]]), commands)
+                       " ".join(["python", "bench/evidence.py", *(sys.argv[1:] if argv is None else argv)]), commands)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{tag}.json").write_text(json.dumps(evidence, indent=1, default=_plain) + "\n")
     (args.out_dir / f"{tag}.md").write_text(markdown(evidence))

@@ -20,7 +20,7 @@ from .io import atomic_write_text
 from .lora.bank import LoRABank
 from .lora.files import TEXT_PREFIX, TEXT_TARGETS, read_safetensors, save_safetensors, to_diffusers_state
 from .lora.train import Job, JobRunner, TrainData, amp_settings
-from .run_dir import RunDir, frozen_split
+from .run_dir import RunDir, frozen_split, timed_stage
 from .split import SplitRow
 
 # lora: the file (stem) the row's weights live in — the image id for LoFT, the class (and fold) otherwise.
@@ -84,6 +84,7 @@ def training_rows(rows: list[SplitRow], folds: int) -> list[SplitRow]:
     return [row for row in rows if row.rare and row.split == "train"]
 
 
+@timed_stage(lambda config: f"fit {config.fit.method}")
 def fit(config: Config, given: set[str] = frozenset(), force: bool = False, console: Console | None = None) -> FitResult:
     from .models import check_base_model_spec, load_base_model
 

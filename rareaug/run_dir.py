@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,19 @@ SPLIT_KEYS = ("data.data", "data.layout", "data.rare", "data.negatives", "data.m
               "data.test_data", "data.frame", "split.test_fraction", "split.val_fraction", "split.folds")
 
 
+def timed_stage(name_of):
+    """Decorate a stage function taking the config first: its wall time, when it succeeds, goes to timings.json."""
+    def decorate(stage):
+        @functools.wraps(stage)
+        def timed(config: Config, *args, **kwargs):
+            start = time.monotonic()
+            result = stage(config, *args, **kwargs)
+            RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start)
+            return result
+        return timed
+    return decorate
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -33,6 +49,18 @@ class RunDir:
     @property
     def data_json(self) -> Path:
         return self.path / "data.json"
+
+    @property
+    def timings_json(self) -> Path:
+        return self.path / "timings.json"
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Wall time per stage, summed over resumed runs, for the report."""
+        timings = json.loads(self.timings_json.read_text()) if self.timings_json.is_file() else {}
+        entry = timings.setdefault(stage, {"seconds": 0.0, "runs": 0})
+        entry["seconds"] = round(entry["seconds"] + seconds, 2)
+        entry["runs"] += 1
+        atomic_write_json(self.timings_json, timings)
 
     def stage_config(self, stage: str, variant: str | None = None) -> Path:
         name = f"{stage}-{variant}" if variant else stage

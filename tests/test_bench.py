@@ -26,3 +26,28 @@ def test_benchmark_runs_and_writes_its_summary(tmp_path, script, args, keys):
     assert keys <= set(summary) and summary["model"] == "tiny" and summary["command"]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) >= 4  # each figure printed as it was measured, then the summary
+
+
+def test_evidence_smoke_run_writes_its_table(tmp_path):
+    """bench/evidence.py end to end on the mini model at a smoke size: real Fashion-MNIST, every method."""
+    from rareaug.errors import RareaugError
+    from rareaug.samples.fashion_mnist import fashion_mnist_folder
+
+    try:
+        fashion_mnist_folder()
+    except RareaugError:
+        pytest.skip("dataset-fashion-mnist is not installed (.ci/run installs it)")
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, str(BENCH / "evidence.py"), "--rare", "coat", "--k", "6", "--seeds", "1",
+                             "--ratios", "0,1", "--fit-steps", "4", "--sweep-steps", "4", "--test-per-class", "20",
+                             "--device", "cpu", "--work", str(tmp_path / "work"), "--out-dir", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evidence = json.loads((out / "evidence-coat-k6.json").read_text())
+    assert evidence["n_test_pos"] == 20 and evidence["n_test_neg"] == 180
+    methods = {key.split("|")[1] for key in evidence["table"]}
+    assert methods == {"loft", "datadream", "chimera", "classprompt", "classic"}
+    for row in evidence["table"].values():
+        assert row["f1"]["low"] <= row["f1"]["mean"] <= row["f1"]["high"]
+    text = (out / "evidence-coat-k6.md").read_text()
+    assert "## loft (resnet18)" in text and "Memorisation guard" in text and "rareaug sweep-ratio" in text

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 import rareaug.sweep.stage as stage
+from rareaug.errors import RareaugError
 
 GRID = ("--model", "tiny-resnet18", "--seeds", "1", "--steps", "4", "--batch-size", "8", "--no-pretrained",
         "--generate-steps", "2", "--guard-threshold", "0.01")
@@ -256,3 +257,11 @@ def test_a_changed_synthetic_image_retrains_the_cells_that_use_it(swept, tmp_pat
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1,2", "--methods", "loft,classic", *GRID)
     assert code == 0, err
     assert retrained and all(name.startswith("loft-") for name in retrained)
+
+
+def test_input_size_below_16_is_refused_in_one_line():
+    from rareaug.config import build_config
+
+    with pytest.raises(RareaugError, match="--input-size must be at least 16"):
+        build_config("natural", {"sweep.input_size": 8})
+    assert build_config("fashion_mnist").sweep.input_size == 32

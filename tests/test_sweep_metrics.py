@@ -222,3 +222,21 @@ def test_mean_sd():
     assert mean_sd([0.7]) == (0.7, 0.0)
     mean, sd = mean_sd([float("nan")])
     assert math.isnan(mean) and math.isnan(sd)
+
+
+def test_seed_mean_interval_of_one_run_is_the_single_run_interval():
+    from rareaug.sweep.metrics import seed_mean_intervals
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    s = rng.random(400) + 0.4 * y
+    single = bootstrap_intervals(y, s, 0.7, n_boot=200, seed=5)
+    mean = seed_mean_intervals(y, [(s, 0.7)], ("f1", "recall", "pr_auc"), n_boot=200, seed=5)
+    for name in ("f1", "recall", "pr_auc"):
+        assert mean[name][0] == pytest.approx(binary_metrics(y, s, 0.7)[name])
+        assert mean[name][1:] == pytest.approx(single[name])
+    # Two runs: the point is the mean of the two runs' metrics, inside its own interval.
+    s2 = rng.random(400) + 0.2 * y
+    two = seed_mean_intervals(y, [(s, 0.7), (s2, 0.6)], ("f1",), n_boot=200, seed=5)
+    expected = (binary_metrics(y, s, 0.7)["f1"] + binary_metrics(y, s2, 0.6)["f1"]) / 2
+    assert two["f1"][0] == pytest.approx(expected) and two["f1"][1] <= expected <= two["f1"][2]

@@ -24,7 +24,7 @@ from ..fit import finished_units, model_label, resolve_device, safe_name
 from ..images import model_input
 from ..io import atomic_write_json
 from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
-from ..run_dir import RunDir, frozen_split
+from ..run_dir import RunDir, frozen_split, timed_stage
 from ..split import SplitRow
 from . import plans
 from .classic import classic_copy
@@ -90,6 +90,7 @@ def target_count(config: Config, n_real: int) -> int:
     return gen.n if gen.n is not None else int(round(gen.ratio * n_real))
 
 
+@timed_stage(lambda config: f"generate {config.generate.method}")
 def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
              console: Console | None = None) -> GenerateResult:
     console = console or Console(stderr=True)

@@ -134,19 +134,27 @@ def _tiny_vae() -> AutoencoderKL:
 
 
 def _tiny_text_encoder() -> CLIPTextModel:
-    # Token ids match the real tokenizer, so pooling finds the real end-of-text token.
+    return clip_text_encoder(hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+
+
+def clip_text_encoder(hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                      num_attention_heads: int = 4) -> CLIPTextModel:
+    """A small CLIP text encoder over the real 49,408-token vocabulary, fresh weights from the global RNG.
+
+    Token ids match the real tokenizer, so pooling finds the real end-of-text token.
+    """
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
         max_position_embeddings=MODEL_MAX_LENGTH,
         bos_token_id=BOS_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=EOS_TOKEN_ID,
         hidden_act="quick_gelu",
-        projection_dim=32,
+        projection_dim=hidden_size,
     )
     return CLIPTextModel(config)
 

@@ -27,7 +27,7 @@ from ..errors import RareaugError
 from ..fit import resolve_device
 from ..generate.manifest import Manifest, kept_rows
 from ..io import atomic_write_json, atomic_write_text
-from ..run_dir import RunDir, frozen_split
+from ..run_dir import RunDir, frozen_split, timed_stage
 from ..split import SplitRow
 from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
@@ -60,6 +60,7 @@ class Cell:
         return f"{self.method}-r{self.ratio:g}-{self.model}-s{self.seed}-f{self.fold}{suffix}"
 
 
+@timed_stage(lambda config: "sweep-ratio")
 def sweep(config: Config, given: set[str] = frozenset(), console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     sw = config.sweep

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from ...errors import RareaugError
-from ..tiny import BOS_TOKEN_ID, CLIP_VOCAB_SIZE, EOS_TOKEN_ID, MODEL_MAX_LENGTH, clip_tokenizer
+from ..tiny import clip_text_encoder, clip_tokenizer
 
 MINI_FOLDER = Path(__file__).parent / "weights"
 RESOLUTION = 32  # Fashion-MNIST's 28 px, padded with its own black background
@@ -50,19 +50,7 @@ def build_untrained() -> dict[str, Any]:
         sample_size=RESOLUTION,
     )
     # Hidden size 32 keeps the 49,408-row embedding table (the real tokenizer's) at 3 MB in float16.
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=EOS_TOKEN_ID,
-        hidden_act="quick_gelu",
-        projection_dim=32,
-    ))
+    text_encoder = clip_text_encoder(hidden_size=32, intermediate_size=128, num_hidden_layers=3)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ...samples.fashion_mnist import COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
-from ..tiny import sd_ddpm_scheduler
+from ..tiny import clip_tokenizer, sd_ddpm_scheduler
 from . import COMPONENTS, PROMPT, RESOLUTION, build_untrained
 
 
@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = common_class_images(recipe)
     log({"images": len(images), "classes": list(COMMON_CLASSES), "device": _device_name(device)})
     modules = build_untrained()
-    from ..tiny import clip_tokenizer
-
     tokenizer = clip_tokenizer()
     # 2. Autoencoder
     summary = train_vae(modules["vae"], images, recipe, device, log)
