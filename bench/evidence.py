@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import platform
 import subprocess
@@ -36,13 +35,15 @@ sys.path.insert(0, str(ROOT))
 from rareaug.models.mini import MINI_FOLDER  # noqa: E402
 from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset,  # noqa: E402
                                            write_class_folders)
-from rareaug.sweep.metrics import seed_mean_intervals  # noqa: E402
+from rareaug.report.gather import package_versions  # noqa: E402
+from rareaug.sweep.curves import group_intervals  # noqa: E402
 
 LORA_METHODS = ("loft", "datadream", "chimera")
 BASELINES = ("classprompt", "classic")
 FULL_RATIOS, QUICK_RATIOS = "0,1,2,4,10,20", "0,2,10"
 N_OTHER = 300
 SHOWN = ("f1", "recall", "pr_auc")
+VERSIONS = ("rareaug", "torch", "torchvision", "diffusers", "transformers", "peft", "scikit-learn", "numpy")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,23 +136,14 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
         "summary": summary, "table": table, "guard": _guard(run), "minutes": minutes, "total_minutes": total,
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
-        "device": _device(args.device), "versions": _versions(), "date": datetime.date.today().isoformat(),
+        "device": _device(args.device), "versions": package_versions(VERSIONS), "date": datetime.date.today().isoformat(),
         "mini_unet_sha256": hashlib.sha256((MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
     }
 
 
 def _intervals(run: Path, cells: list[dict]) -> dict:
     """Seed (and fold) mean of each test metric with a 95% bootstrap interval over the test images."""
-    if not cells:
-        return {}
-    runs, labels = [], None
-    for cell in cells:
-        with open(run / "sweep" / "predictions" / f"{cell['cell']}.csv", newline="") as handle:
-            test = [r for r in csv.DictReader(handle) if r["split"] == "test"]
-        test.sort(key=lambda r: r["id"])
-        labels = [int(r["label"]) for r in test]
-        runs.append(([float(r["score"]) for r in test], float(cell["threshold"])))
-    found = seed_mean_intervals(labels, runs, SHOWN, n_boot=1000, seed=0)
+    found = group_intervals(run / "sweep", cells, SHOWN, n_boot=1000, seed=0)
     return {name: {"mean": mean, "low": low, "high": high} for name, (mean, low, high) in found.items()}
 
 
@@ -231,17 +223,6 @@ def _device(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _versions() -> dict:
-    names = ("rareaug", "torch", "torchvision", "diffusers", "transformers", "peft", "scikit-learn", "numpy")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def _plain(value):

@@ -275,48 +275,86 @@ def export_mix(
 @app.command()
 @user_errors
 def demo(
-    run: RunOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "--run", help="Run directory (default runs/demo).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Your own data instead of the shipped sample (needs --rare).")] = None,
+    rare: Annotated[Optional[str], typer.Option("--rare", help="The rare class of --data.")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Your own SD 1.x/2.x model (default: the shipped mini).")] = None,
+    device: DeviceOpt = None,
 ) -> None:
-    """The whole job on real images shipped with the package, on the shipped mini base model (CPU, a few minutes)."""
+    """The whole job (inspect, fit, generate, sweep-ratio, report) on real images shipped with the package and the
+    shipped mini base model, offline, in minutes on a CPU."""
     from .fit import fit as run_fit
     from .generate.stage import generate as run_generate
     from .inspect import inspect_data, render
+    from .report import write_report
     from .samples import FASHION_RARE, fashion_root
     from .sweep.stage import sweep
 
-    run = run or Path("runs/demo")
-    # Real Fashion-MNIST images; rareaug-mini never saw a pullover, so it plays the rare class. Sizes are cut
-    # so that a laptop CPU finishes in minutes: shorter LoRA training, ratios up to 2, one seed.
-    flags = dict(run=run, data__data=fashion_root(), data__rare=FASHION_RARE, fit__steps=300, generate__ratio=2.0,
-                 sweep__ratios="0,1,2", sweep__seeds=1, sweep__steps=150)
-    cfg, given = make_config("fashion_mnist", **flags)
-    console.print(f"[bold]rareaug demo[/] on real Fashion-MNIST images shipped with the package (rare class: "
-                  f"{FASHION_RARE}, which the mini base model never saw) -> {run}")
+    if data is not None and not rare:
+        raise RareaugError("--data needs --rare NAME: which class of your data is the rare one")
+    run = out or Path("runs/demo")
+    # Real Fashion-MNIST images; rareaug-mini never saw a pullover, so it plays the rare class. Sizes are cut so
+    # that a laptop CPU finishes in minutes: shorter LoRA training, ratios up to 2, one seed, 32-px classifiers.
+    own_model = base_model is not None and base_model != "mini"
+    flags = dict(run=run, device=device, data__data=data or fashion_root(), data__rare=rare or FASHION_RARE,
+                 fit__base_model=base_model, fit__steps=None if own_model else 300, generate__ratio=2.0,
+                 sweep__ratios="0,1,2", sweep__seeds=1, sweep__steps=None if own_model else 150)
+    cfg, given = make_config(None if own_model else "fashion_mnist", **flags)
+    model = cfg.fit.base_model
+    console.print(f"[bold]rareaug demo[/] on {'your data' if data else 'real Fashion-MNIST images shipped with the package'}"
+                  f" (rare class: {cfg.data.rare}), base model {model}"
+                  + ("" if own_model else " (32 px, shipped; it never saw a pullover)") + f" -> {run}")
     console.rule("1. inspect")
     render(inspect_data(cfg, given), console)
-    console.rule("2. fit (one LoFT LoRA per real pullover on rareaug-mini, 300 steps each)")
+    console.rule(f"2. fit (one LoFT LoRA per real {cfg.data.rare} image)")
     run_fit(cfg, given, console=console)
-    console.rule("3. generate (ratio 2: two fused images per real training pullover)")
+    console.rule("3. generate (ratio 2: two fused images per real training image)")
     result = run_generate(cfg, given, console=console)
-    console.rule("4. sweep-ratio (ResNet18 from scratch at 32 px, ratios 0, 1, 2, one seed)")
+    console.rule("4. sweep-ratio (ratios 0, 1, 2, one seed)")
     sweep(cfg, given, console=console)
     console.print((run / "sweep" / "summary.md").read_text(), markup=False, highlight=False)
-    console.print(f"[bold]done[/]: LoRAs in {run}/loras/loft, {result.kept} synthetic images and their manifest in "
-                  f"{result.folder}, the sweep in {run}/sweep. The report joins the demo when it is built. The "
-                  f"sample is small (a few test pullovers): read the intervals, not the point figures.")
+    console.rule("5. report")
+    page = write_report(run)
+    console.print(f"[bold]done[/]: {result.kept} synthetic images in {result.folder}; the sweep in {run}/sweep.")
+    console.print(f"Report: [bold]{page}[/] (open it in a browser). The sample is small: read the intervals, "
+                  "not the point figures.")
 
 
-def _not_built(name: str, issue: str):
-    def command(ctx: typer.Context) -> None:
-        error_console.print(f"rareaug {name}: not built yet ({issue}).")
-        raise typer.Exit(2)
+@app.command("export")
+@user_errors
+def export_set(
+    run: Annotated[Path, typer.Option("--run", help="Run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the training set (class/image + manifest.csv).")],
+    method: Annotated[str, typer.Option("--method", help="Whose synthetic images: loft (default), datadream, chimera, classprompt, classic.")] = "loft",
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="R x (real rare train images) synthetic images.")] = None,
+    recommended: Annotated[bool, typer.Option("--recommended", help="The ratio the sweep recommended on validation.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="With --recommended and several swept models: whose recommendation.")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="The pool folder under RUN/synthetic when the method has several.")] = None,
+) -> None:
+    """Export real train images + kept synthetic images of one pool and ratio as a class-folder training set."""
+    from .export import export_training_set
 
-    command.__doc__ = f"Not built yet ({issue})."
-    return command
+    result = export_training_set(run, out, method, ratio, recommended, model, variant)
+    console.print(f"wrote {result.out}: {result.real} real and {result.synthetic} synthetic images "
+                  f"({result.variant or 'none'}, ratio {result.ratio:g}), manifest.csv beside them")
 
 
-_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-app.command("report", context_settings=_PASSTHROUGH)(_not_built("report", "the HTML report lands with its issue"))
+@app.command()
+@user_errors
+def report(
+    run: Annotated[Path, typer.Option("--run", help="Run directory to report on.")],
+    open_page: Annotated[bool, typer.Option("--open", help="Open the report in the default browser.")] = False,
+    real_images: Annotated[bool, typer.Option("--real-images/--no-real-images", help="Show real images (leave them out for a report shared outside the hospital or plant).")] = True,
+) -> None:
+    """Write RUN/report.html: images, metric-vs-ratio curves, the recommended ratio, the guard, the config."""
+    from .report import write_report
+
+    path = write_report(run, real_images=real_images)
+    console.print(f"wrote {path}")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; outputs are meant to be read (a report, a manifest)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -32,10 +32,19 @@ def timed_stage(name_of):
         def timed(config: Config, *args, **kwargs):
             start = time.monotonic()
             result = stage(config, *args, **kwargs)
-            RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start)
+            RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start, _device_name(config.device))
             return result
         return timed
     return decorate
+
+
+def _device_name(requested: str) -> str:
+    import torch
+
+    from .fit import resolve_device  # fit imports this module
+
+    device = resolve_device(requested)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
 
 
 class RunDir:
@@ -54,12 +63,13 @@ class RunDir:
     def timings_json(self) -> Path:
         return self.path / "timings.json"
 
-    def add_time(self, stage: str, seconds: float) -> None:
+    def add_time(self, stage: str, seconds: float, device: str = "") -> None:
         """Wall time per stage, summed over resumed runs, for the report."""
         timings = json.loads(self.timings_json.read_text()) if self.timings_json.is_file() else {}
         entry = timings.setdefault(stage, {"seconds": 0.0, "runs": 0})
         entry["seconds"] = round(entry["seconds"] + seconds, 2)
         entry["runs"] += 1
+        entry["device"] = device
         atomic_write_json(self.timings_json, timings)
 
     def stage_config(self, stage: str, variant: str | None = None) -> Path:

@@ -24,7 +24,7 @@ def one_line_error(invoke, *args) -> str:
 def test_help_lists_every_command(invoke):
     code, out, _ = invoke("--help")
     assert code == 0
-    for command in ("inspect", "fit", "generate", "sweep-ratio", "report", "demo"):
+    for command in ("inspect", "fit", "generate", "sweep-ratio", "export", "report", "demo"):
         assert command in out
 
 
@@ -33,10 +33,9 @@ def test_version_and_module_entry_point():
     assert result.returncode == 0 and __version__ in result.stdout
 
 
-@pytest.mark.parametrize("command", ["report"])
-def test_commands_not_built_yet_say_so(invoke, command):
-    err = one_line_error(invoke, command, "--run", "somewhere", "--data", "x")
-    assert "not built yet" in err
+def test_report_on_a_folder_that_is_no_run_is_one_line(invoke, tmp_path):
+    err = one_line_error(invoke, "report", "--run", tmp_path)
+    assert "not a run directory" in err
 
 
 def test_no_images_found(invoke, tmp_path):
@@ -148,6 +147,7 @@ def test_demo_runs_on_the_shipped_sample(invoke, tmp_path):
     pool = next((tmp_path / "demo" / "synthetic").iterdir())
     assert len(list(pool.glob("*.png"))) >= 2 * len(train) and (pool / "manifest.csv").exists()
     assert (tmp_path / "demo" / "sweep" / "summary.md").exists() and "Recommendation" in out
+    assert (tmp_path / "demo" / "report.html").exists() and "report.html" in out
 
 
 def test_every_package_is_listed_for_installation():

@@ -1,0 +1,255 @@
+"""`rareaug report`: one self-contained HTML page (images and plots inlined, no network) for a run directory."""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import RareaugError
+from ..images import model_input
+from ..io import atomic_write_text
+from . import figures
+from .gather import ReportData, gather
+
+SYNTHETIC_SHOWN = 16
+REAL_SHOWN = 8
+FUSED_SHOWN = 4
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
+color:#1d2330;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #d8dce4;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #d8dce4;padding:.3em .6em;text-align:right}
+th{background:#f2f4f8}td:first-child,th:first-child{text-align:left}.muted{color:#5b6475}
+.good{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}.flat{color:#5b6475;font-weight:600}
+figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}figcaption{font-size:.85em;color:#5b6475}
+pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.8em}img{max-width:100%}
+.fused{display:flex;gap:.6em;align-items:center;margin:.3em 0}.fused img{width:96px;height:96px;image-rendering:pixelated}
+"""
+
+
+def write_report(run_path: Path, real_images: bool = True) -> Path:
+    """Write RUN/report.html atomically and return its path."""
+    data = gather(run_path)
+    page = render(data, real_images)
+    path = data.run / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def render(data: ReportData, real_images: bool = True) -> str:
+    sections = [
+        _header(data, real_images),
+        _recommendation(data),
+        _curves(data),
+        _images(data, real_images),
+        _guard(data),
+        _data(data),
+        _provenance(data),
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>rareaug report: {html.escape(data.rare)}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(s for s in sections if s) + "</body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------------------- sections
+def _header(data: ReportData, real_images: bool) -> str:
+    note = "" if real_images else "<p class=\"muted\">Real images are left out of this report (--no-real-images).</p>"
+    return (f"<h1>rareaug report: rare class <em>{html.escape(data.rare)}</em></h1>"
+            f"<p class=\"muted\">Run <code>{html.escape(data.run.name)}</code>, written "
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Image ids are opaque (r… real, s… synthetic); "
+            f"nothing here names a patient or a file.</p>{note}")
+
+
+def _recommendation(data: ReportData) -> str:
+    if not data.summary:
+        return "<h2>Recommendation</h2><p>No ratio sweep in this run yet: run <code>rareaug sweep-ratio</code>.</p>"
+    rows, sentences = [], []
+    for model, by_method in data.summary.get("models", {}).items():
+        for method, result in by_method.items():
+            best = result.get("recommended_ratio")
+            if best is None:
+                continue
+            at = result["ratios"].get(f"{best:g}") or result["ratios"].get(str(best)) or {}
+            base = result["ratios"].get("0", {})
+            gain = result.get("gain_over_ratio_0") or {}
+            rows.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(method)}</td><td>{best:g}×</td>"
+                        f"<td>{_num(at.get('test_f1_mean'))}</td><td>{_num(at.get('test_recall_mean'))}</td>"
+                        f"<td>{_num(at.get('test_pr_auc_mean'))}</td><td>{_num(base.get('test_f1_mean'))}</td>"
+                        f"<td>{_gain_cell(gain)}</td></tr>")
+            sentences.append(f"<li>{_verdict(model, method, best, base, at, gain)}</li>")
+    if not rows:
+        return "<h2>Recommendation</h2><p>The sweep recommended no ratio (see the failed cells in summary.json).</p>"
+    rule = html.escape(data.summary.get("decision_rule", ""))
+    return ("<h2>Recommendation</h2><table><tr><th>model</th><th>method</th><th>ratio</th><th>test F1</th>"
+            "<th>test recall</th><th>test PR-AUC</th><th>F1 at ratio 0</th><th>F1 gain [95% CI]</th></tr>"
+            + "".join(rows) + "</table><ul>" + "".join(sentences) + f"</ul><p class=\"muted\">{rule}</p>")
+
+
+def _verdict(model: str, method: str, best: float, base: dict, at: dict, gain: dict) -> str:
+    name = f"<b>{html.escape(method)}</b> ({html.escape(model)})"
+    if best == 0:
+        return f"{name}: validation prefers no synthetic images; train on the real images alone."
+    if not gain or "diff" not in gain:
+        return f"{name}: {best:g}× recommended on validation; its gain could not be tested."
+    span = f"{gain['diff']:+.3f}, 95% interval {gain['low']:+.3f} to {gain['high']:+.3f}"
+    change = f"test F1 from {_num(base.get('test_f1_mean'))} to {_num(at.get('test_f1_mean'))} ({span})"
+    if gain.get("distinguishable") and gain["diff"] > 0:
+        return f"{name}: adding {best:g}× synthetic images raised {change}: <span class=\"good\">a gain beyond test noise</span>."
+    if gain.get("distinguishable"):
+        return f"{name}: adding {best:g}× synthetic images lowered {change}: <span class=\"bad\">synthetic data hurt</span>."
+    return (f"{name}: {best:g}× changed {change}: <span class=\"flat\">not distinguishable from noise</span>; "
+            f"do not count on a gain.")
+
+
+def _curves(data: ReportData) -> str:
+    if not data.metrics:
+        return ""
+    parts = ["<h2>Metrics against the ratio</h2><p class=\"muted\">Test metrics averaged over seeds and folds at each "
+             "model's validation threshold; bands are 95% bootstrap intervals over the test images; the grey band "
+             "and dashed line are ratio 0 (real images only); ★ marks the ratio recommended on validation.</p>"]
+    all_curves = {}
+    for model in sorted({row["model"] for row in data.metrics}):
+        methods = sorted({row["method"] for row in data.metrics if row["model"] == model} - {figures.BASELINE})
+        curves = {method: figures.curve_points(data, model, method) for method in methods}
+        recommended = {method: ((data.summary or {}).get("models", {}).get(model, {}).get(method, {})
+                                .get("recommended_ratio")) for method in methods}
+        parts.append(_figure(figures.metric_curves(curves, recommended, model), f"{model}: recall, F1 and PR-AUC"))
+        all_curves[model] = curves
+    for model, curves in all_curves.items():
+        diversity = figures.diversity_curves(curves)
+        if diversity:
+            parts.append(_figure(diversity, f"{model}: diversity of the synthetic images used at each ratio "
+                                            "(higher = more varied)"))
+    return "".join(parts)
+
+
+def _images(data: ReportData, real_images: bool) -> str:
+    if not data.pools:
+        return ""
+    rng = random.Random(0)
+    real_rows = [row for row in data.rows if row.rare and row.split == "train"]
+    parts = ["<h2>Real and synthetic images</h2>"]
+    if real_images and real_rows:
+        shown = sorted(rng.sample(real_rows, min(REAL_SHOWN, len(real_rows))), key=lambda r: r.id)
+        tiles = [t for t in (_real_tile(row) for row in shown) if t is not None]
+        if tiles:
+            parts.append(_figure(figures.image_grid(tiles, REAL_SHOWN),
+                                 "real training images: " + ", ".join(r.id for r in shown)))
+    for pool in data.pools:
+        kept = pool.kept
+        if not kept:
+            continue
+        shown = kept[:SYNTHETIC_SHOWN]
+        tiles = [Image.open(pool.folder / row["file"]) for row in shown]
+        parts.append(f"<h3>{html.escape(pool.variant)}</h3>")
+        parts.append(_figure(figures.image_grid(tiles, 8), f"{len(kept)} kept; the first {len(shown)} of the pool"))
+        if pool.method == "loft" and real_images:
+            parts.append(_fused(data, pool))
+    return "".join(parts)
+
+
+def _fused(data: ReportData, pool) -> str:
+    rows = []
+    for row in pool.kept[:FUSED_SHOWN]:
+        sources = row.get("loras", "").split(";")
+        weights = row.get("weights", "").split(";")
+        real = [data.real(s) for s in sources]
+        if len(sources) != 2 or any(r is None for r in real):
+            continue
+        tiles = [_real_tile(r) for r in real]
+        if any(t is None for t in tiles):
+            continue
+        cells = [f"<img alt=\"{html.escape(s)}\" src=\"{_data_uri(figures.image_grid([t], 1))}\">"
+                 for s, t in zip(sources, tiles)]
+        fused = _data_uri(figures.image_grid([Image.open(pool.folder / row["file"])], 1))
+        rows.append(f"<div class=\"fused\">{cells[0]} + {cells[1]} → <img alt=\"{html.escape(row['file'])}\" "
+                    f"src=\"{fused}\"><span>{html.escape(sources[0])} (λ {html.escape(weights[0])}) + "
+                    f"{html.escape(sources[1])} ({html.escape(weights[1] if len(weights) > 1 else '')}) → "
+                    f"{html.escape(row['file'].rsplit('.', 1)[0])}</span></div>")
+    return ("<p>LoFT fusions: the two real images whose LoRAs were fused, their weights λ, and the result.</p>"
+            + "".join(rows)) if rows else ""
+
+
+def _guard(data: ReportData) -> str:
+    pools = [p for p in data.pools if p.rows]
+    if not pools:
+        return ""
+    parts = ["<h2>Memorisation guard</h2><p class=\"muted\">Each synthetic image's distance to its nearest real "
+             "training image; images under the threshold were rejected as near-copies.</p><table><tr><th>pool</th>"
+             "<th>made</th><th>kept</th><th>rejected</th><th>distance</th><th>threshold</th></tr>"]
+    figures_html = []
+    for pool in pools:
+        threshold = pool.summary.get("guard_threshold")
+        distances = [float(r["nearest_real_distance"]) for r in pool.rows
+                     if r.get("nearest_real_distance") not in (None, "", "nan")]
+        parts.append(f"<tr><td>{html.escape(pool.variant)}</td><td>{len(pool.rows)}</td><td>{len(pool.kept)}</td>"
+                     f"<td>{len(pool.rejected)}</td><td>{html.escape(str(pool.summary.get('guard_distance', '')))}</td>"
+                     f"<td>{_num(threshold)}</td></tr>")
+        if distances:
+            figures_html.append(_figure(figures.guard_histogram(distances, threshold, len(pool.rejected), pool.variant),
+                                        pool.variant))
+    return "".join(parts) + "</table>" + "".join(figures_html)
+
+
+def _data(data: ReportData) -> str:
+    splits = ("train", "val", "test")
+    rows = "".join(f"<tr><td>{html.escape(cls)}{' (rare)' if cls == data.rare else ''}</td>"
+                   + "".join(f"<td>{counts.get(s, 0)}</td>" for s in splits) + "</tr>"
+                   for cls, counts in sorted(data.counts.items(), key=lambda kv: (kv[0] != data.rare, kv[0])))
+    problems = {}
+    for problem in data.data.get("problems", []):
+        problems[problem.get("kind", "other")] = problems.get(problem.get("kind", "other"), 0) + 1
+    problem_text = (", ".join(f"{n} {html.escape(k)}" for k, n in sorted(problems.items())) if problems
+                    else ("none" if data.data else "inspect was not run for this run directory"))
+    folds = max((row.fold for row in data.rows), default=0) + 1
+    return ("<h2>Data</h2><table><tr><th>class</th><th>train</th><th>validation</th><th>test</th></tr>" + rows
+            + f"</table><p>Folds: {folds}. Problems found by inspect: {problem_text}.</p>")
+
+
+def _provenance(data: ReportData) -> str:
+    timing_rows = "".join(f"<tr><td>{html.escape(stage)}</td><td>{entry['seconds'] / 60:.1f}</td>"
+                          f"<td>{entry.get('runs', 1)}</td><td>{html.escape(str(entry.get('device', '')))}</td></tr>"
+                          for stage, entry in data.timings.items())
+    timings = ("<table><tr><th>stage</th><th>minutes</th><th>runs</th><th>device</th></tr>" + timing_rows + "</table>"
+               "<p class=\"muted\">sweep-ratio includes the pools it generated on demand.</p>") if timing_rows else (
+        "<p>No stage times recorded.</p>")
+    versions = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in data.versions.items())
+    configs = "".join(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(text)}</pre></details>"
+                      for name, text in data.stages.items())
+    return (f"<h2>How this run was made</h2>{timings}<p>Versions: {versions}.</p>"
+            f"<p>Resolved configuration of each stage (local paths appear only as hashes):</p>{configs}")
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _real_tile(row) -> Image.Image | None:
+    try:
+        pixels = model_input(row.abs_path, 128, "center", "center")
+    except (OSError, RareaugError, ValueError):  # moved or unreadable since the split: leave the tile out
+        return None
+    array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype("uint8")
+    return Image.fromarray(array)
+
+
+def _figure(png: bytes, caption: str) -> str:
+    return (f"<figure><img alt=\"{html.escape(caption)}\" src=\"{_data_uri(png)}\">"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _num(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "—"
+
+
+def _gain_cell(gain: dict) -> str:
+    if not gain or "diff" not in gain:
+        return "—"
+    css = "good" if gain.get("distinguishable") and gain["diff"] > 0 else (
+        "bad" if gain.get("distinguishable") else "flat")
+    return f"<span class=\"{css}\">{gain['diff']:+.3f}</span> [{gain['low']:+.3f}, {gain['high']:+.3f}]"
