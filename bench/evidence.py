@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     write_class_folders(test, "test", chosen, test_images, test_labels)
     print(f"data: {sum(counts.values())} training images in {data}; {len(chosen)} test images in {test}", flush=True)
 
-    # 2. The commands a user would run.
-    run = work / "run"
+    # 2. The commands a user would run (paths relative to the repository when they are inside it: cwd is ROOT).
+    run, data, test = (_relative(path) for path in (work / "run", data, test))
     common = ["--config", "fashion_mnist", "--run", str(run), "--device", args.device]
     split = ["--data", str(data), "--test-data", str(test), "--rare", args.rare, "--folds", str(args.folds)]
     fit_steps = ["--steps", str(args.fit_steps)] if args.fit_steps else []
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"stage": name, "minutes": round(minutes[name], 2)}), flush=True)
 
     # 3. The evidence.
-    evidence = collect(run, args, seeds, ratios, minutes, (time.monotonic() - started) / 60,
+    evidence = collect(ROOT / run, args, seeds, ratios, minutes, (time.monotonic() - started) / 60,
                        " ".join(["python", "bench/evidence.py", *(sys.argv[1:] if argv is None else argv)]), commands)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{tag}.json").write_text(json.dumps(evidence, indent=1, default=_plain) + "\n")
@@ -223,6 +223,11 @@ def _device(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _relative(path: Path) -> Path:
+    path = Path(path).resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _plain(value):

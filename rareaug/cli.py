@@ -296,12 +296,21 @@ def demo(
     # Real Fashion-MNIST images; rareaug-mini never saw a pullover, so it plays the rare class. Sizes are cut so
     # that a laptop CPU finishes in minutes: shorter LoRA training, ratios up to 2, one seed, 32-px classifiers.
     own_model = base_model is not None and base_model != "mini"
-    flags = dict(run=run, device=device, data__data=data or fashion_root(), data__rare=rare or FASHION_RARE,
+    if data is None:  # a copy the user can look at and reuse: the shipped sample is a plain class-folder data set
+        data = run / "sample-data"
+        if not data.is_dir():  # copied whole, then renamed: an interrupted copy is never taken for the sample
+            import shutil
+
+            partial = run / ".sample-data.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(fashion_root(), partial)
+            partial.rename(data)
+    flags = dict(run=run, device=device, data__data=data, data__rare=rare or FASHION_RARE,
                  fit__base_model=base_model, fit__steps=None if own_model else 300, generate__ratio=2.0,
                  sweep__ratios="0,1,2", sweep__seeds=1, sweep__steps=None if own_model else 150)
     cfg, given = make_config(None if own_model else "fashion_mnist", **flags)
     model = cfg.fit.base_model
-    console.print(f"[bold]rareaug demo[/] on {'your data' if data else 'real Fashion-MNIST images shipped with the package'}"
+    console.print(f"[bold]rareaug demo[/] on {'your data' if rare else f'real Fashion-MNIST images shipped with the package, copied to {data}'}"
                   f" (rare class: {cfg.data.rare}), base model {model}"
                   + ("" if own_model else " (32 px, shipped; it never saw a pullover)") + f" -> {run}")
     console.rule("1. inspect")
