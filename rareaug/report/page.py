@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_adapters.decode import DecodeError
+
 from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_text
@@ -228,7 +230,7 @@ def _provenance(data: ReportData) -> str:
 def _real_tile(row) -> Image.Image | None:
     try:
         pixels = model_input(row.abs_path, 128, "center", "center")
-    except (OSError, RareaugError, ValueError):  # moved or unreadable since the split: leave the tile out
+    except (OSError, RareaugError, DecodeError, ValueError):  # moved or unreadable since the split: leave it out
         return None
     array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype("uint8")
     return Image.fromarray(array)
