@@ -36,7 +36,8 @@ from rareaug.models.mini import MINI_FOLDER  # noqa: E402
 from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset,  # noqa: E402
                                            write_class_folders)
 from rareaug.report.gather import package_versions  # noqa: E402
-from rareaug.sweep.curves import group_intervals  # noqa: E402
+from rareaug.io import atomic_write_text  # noqa: E402
+from rareaug.sweep.curves import group_intervals, patient_groups  # noqa: E402
 
 LORA_METHODS = ("loft", "datadream", "chimera")
 BASELINES = ("classprompt", "classic")
@@ -76,7 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     test = shared / ("evidence-test" if args.test_per_class is None else f"evidence-test-{args.test_per_class}")
     counts = {name: (args.k if name == args.rare else N_OTHER) for name in CLASSES}
     images, labels = load_fashion_mnist("train")
-    write_class_folders(data, "train", seeded_subset(labels, counts, seed=0), images, labels)
+    draw = seeded_subset(labels, counts, seed=0)
+    write_class_folders(data, "train", draw, images, labels)
+    expected = {f"{CLASSES[labels[i]]}/fm-train-{i:05d}.png" for i in draw.tolist()}
+    found = {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
+    if found != expected:
+        parser.error(f"{data} holds another draw ({len(found - expected)} images not in this one); use a new --work")
     test_images, test_labels = load_fashion_mnist("test")
     chosen = (np.arange(len(test_labels)) if args.test_per_class is None else
               seeded_subset(test_labels, {name: args.test_per_class for name in CLASSES}, seed=0))
@@ -107,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     evidence = collect(ROOT / run, args, seeds, ratios, minutes, (time.monotonic() - started) / 60,
                        " ".join(["python", "bench/evidence.py", *(sys.argv[1:] if argv is None else argv)]), commands)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{tag}.json").write_text(json.dumps(evidence, indent=1, default=_plain) + "\n")
-    (args.out_dir / f"{tag}.md").write_text(markdown(evidence))
+    atomic_write_text(args.out_dir / f"{tag}.json", json.dumps(_no_nan(evidence), indent=1, default=_plain) + "\n")
+    atomic_write_text(args.out_dir / f"{tag}.md", markdown(evidence))
     print(f"wrote {args.out_dir / (tag + '.md')}", flush=True)
 
 
@@ -143,7 +149,7 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
 
 def _intervals(run: Path, cells: list[dict]) -> dict:
     """Seed (and fold) mean of each test metric with a 95% bootstrap interval over the test images."""
-    found = group_intervals(run / "sweep", cells, SHOWN, n_boot=1000, seed=0)
+    found = group_intervals(run / "sweep", cells, SHOWN, patient_groups(run / "split.csv"), n_boot=1000, seed=0)
     return {name: {"mean": mean, "low": low, "high": high} for name, (mean, low, high) in found.items()}
 
 
@@ -192,7 +198,7 @@ def markdown(e: dict) -> str:
             lines.append(f"| {ratio:g}×{mark} | {row['n_synth']} | {row['val_f1']:.3f} | {_ci(row, 'f1')} | "
                          f"{row['f1_sd']:.3f} | {_ci(row, 'recall')} | {_ci(row, 'pr_auc')} | {diversity} |")
         gain = gains.get((model, method)) or {}
-        if gain:
+        if "diff" in gain:
             verdict = "distinguishable from noise" if gain.get("distinguishable") else "**not** distinguishable from noise"
             lines += ["", f"Recommended {recommended[(model, method)]:g}×: test F1 gain over ratio 0 "
                           f"{gain['diff']:+.3f} (95% paired bootstrap {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}."]
@@ -228,6 +234,17 @@ def _device(device: str) -> str:
 def _relative(path: Path) -> Path:
     path = Path(path).resolve()
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _no_nan(value):
+    """NaN (e.g. no diversity at ratio 0) as JSON null: strict JSON readers refuse NaN."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _plain(value):

@@ -290,8 +290,11 @@ def demo(
     from .samples import FASHION_RARE, fashion_root
     from .sweep.stage import sweep
 
-    if data is not None and not rare:
-        raise RareaugError("--data needs --rare NAME: which class of your data is the rare one")
+    if (data is None) != (rare is None):
+        raise RareaugError("--data and --rare go together: your data folder and which class of it is the rare one")
+    if data is not None and base_model is None:
+        raise RareaugError("--data needs --base-model: your SD 1.x/2.x model (a folder, a .safetensors file or a cached "
+                           "hub id); --base-model mini runs the 32-px garment model on it, as a smoke test only")
     run = out or Path("runs/demo")
     # Real Fashion-MNIST images; rareaug-mini never saw a pullover, so it plays the rare class. Sizes are cut so
     # that a laptop CPU finishes in minutes: shorter LoRA training, ratios up to 2, one seed, 32-px classifiers.
@@ -339,11 +342,14 @@ def export_set(
     recommended: Annotated[bool, typer.Option("--recommended", help="The ratio the sweep recommended on validation.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="With --recommended and several swept models: whose recommendation.")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="The pool folder under RUN/synthetic when the method has several.")] = None,
+    fold: Annotated[Optional[int], typer.Option("--fold", help="Cross-validated runs: export fold F's training images and pool.")] = None,
+    frame: Annotated[int, typer.Option("--frame", help="Frame of multi-frame DICOMs (as the run used).")] = 0,
 ) -> None:
-    """Export real train images + kept synthetic images of one pool and ratio as a class-folder training set."""
+    """Export real train images (re-encoded as PNG, no metadata) + kept synthetic images of one pool and ratio as a
+    class-folder training set."""
     from .export import export_training_set
 
-    result = export_training_set(run, out, method, ratio, recommended, model, variant)
+    result = export_training_set(run, out, method, ratio, recommended, model, variant, fold, frame)
     console.print(f"wrote {result.out}: {result.real} real and {result.synthetic} synthetic images "
                   f"({result.variant or 'none'}, ratio {result.ratio:g}), manifest.csv beside them")
 

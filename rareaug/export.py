@@ -1,8 +1,9 @@
 """`rareaug export`: the augmented training set a user trains their production model on.
 
 Real training images of every class plus the first ratio x (real rare training images) kept synthetic images
-of one pool, as `class/<opaque id>.<suffix>` with a manifest of where each file came from. Ready for any
-training tool that reads class folders. The run directory and the data folder are only read.
+of one pool, as `class/<opaque id>.png` with a manifest of where each file came from. Ready for any training
+tool that reads class folders. Real images are decoded (DICOM windowing included) and written as new PNGs, so
+no DICOM tag, EXIF field or file name travels with them. The run directory and the data folder are only read.
 """
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import csv
 import dataclasses
 import io
 import json
+import math
+import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from data_adapters.decode import DecodeError, decode
+
 from .errors import RareaugError
 from .generate.manifest import kept_rows
-from .split import read_split
+from .split import SplitRow, read_split
 
 MANIFEST_COLUMNS = ("file", "class", "source", "id", "variant", "loras", "weights", "seed", "nearest_real_id",
                     "nearest_real_distance")
@@ -33,7 +41,9 @@ class ExportResult:
 
 
 def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float | None = None,
-                        recommended: bool = False, model: str | None = None, variant: str | None = None) -> ExportResult:
+                        recommended: bool = False, model: str | None = None, variant: str | None = None,
+                        fold: int | None = None, frame: int = 0) -> ExportResult:
+    """Args: fold: with a cross-validated run, the fold whose training images and pool to export."""
     run, out = Path(run), Path(out)
     rows = read_split(run / "split.csv") if (run / "split.csv").is_file() else None
     if rows is None:
@@ -45,11 +55,21 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
         raise RareaugError("give exactly one of --ratio R or --recommended")
     if recommended:
         ratio = _recommended_ratio(run, method, model)
-    train = [row for row in rows if row.split == "train"]
+    if not (math.isfinite(ratio) and ratio >= 0):
+        raise RareaugError(f"--ratio {ratio}: give a finite ratio of 0 or more")
+    folds = max(row.fold for row in rows) + 1
+    if folds > 1 and fold is None:
+        raise RareaugError(f"{run}/split.csv has {folds} folds: pass --fold F to export fold F's training images "
+                           "and the pool fused from them")
+    if fold is not None and not 0 <= fold < folds:
+        raise RareaugError(f"--fold {fold}: this run has folds 0 to {folds - 1}")
+    # A fold trains on every non-test image outside it, as the sweep did.
+    train = ([row for row in rows if row.split == "train"] if fold is None or folds == 1
+             else [row for row in rows if row.split != "test" and row.fold != fold])
     rare_train = [row for row in train if row.rare]
     needed = int(round(ratio * len(rare_train)))
     # 2. Which pool, and are there enough kept images in it.
-    folder = _pool(run, method, variant) if needed else None
+    folder = _pool(run, method, variant, fold if folds > 1 else None) if needed else None
     kept = kept_rows(_manifest(folder)) if folder else []
     if len(kept) < needed:
         raise RareaugError(f"{folder}: {len(kept)} kept images, ratio {ratio:g} needs {needed}; run `rareaug generate "
@@ -57,11 +77,12 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
     # 3. Copy into a temporary sibling, then move into place: a failed export leaves no half folder.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes 0700; the training set is meant to be read by others
     try:
         records = []
         for row in train:
-            name = f"{row.id}{row.abs_path.suffix.lower()}"
-            _copy(row.abs_path, staging / row.cls / name)
+            name = f"{row.id}.png"
+            _write_real(row, staging / row.cls / name, frame)
             records.append({"file": f"{row.cls}/{name}", "class": row.cls, "source": "real", "id": row.id})
         for item in kept[:needed]:
             name = f"{folder.name}-{item['file']}"
@@ -87,7 +108,7 @@ def _recommended_ratio(run: Path, method: str, model: str | None) -> float:
     path = run / "sweep" / "summary.json"
     if not path.is_file():
         raise RareaugError(f"{path}: no sweep yet; run `rareaug sweep-ratio --run {run}` first, or pass --ratio R")
-    models = json.loads(path.read_text()).get("models", {})
+    models = _read_json(path).get("models", {})
     if model is None:
         if len(models) != 1:
             raise RareaugError(f"{path}: the sweep has several models ({', '.join(models)}); pass --model NAME")
@@ -99,18 +120,22 @@ def _recommended_ratio(run: Path, method: str, model: str | None) -> float:
     return float(found)
 
 
-def _pool(run: Path, method: str, variant: str | None) -> Path:
+def _pool(run: Path, method: str, variant: str | None, fold: int | None) -> Path:
+    """The method's pool made from the exported training images: the whole-train pool, or fold F's."""
     pools = {}
     for summary in sorted((run / "synthetic").glob("*/summary.json")):
-        content = json.loads(summary.read_text())
-        if content.get("method") == method and not re.search(r"-f\d+$", summary.parent.name):  # not a fold's pool
+        found = re.search(r"-f(\d+)$", summary.parent.name)
+        pool_fold = int(found.group(1)) if found else None
+        if _read_json(summary).get("method") == method and pool_fold == fold:
             pools[summary.parent.name] = summary.parent
     if variant:
         if variant not in pools:
             raise RareaugError(f"{run}/synthetic/{variant}: no such {method} pool; choose one of {', '.join(pools) or 'none'}")
         return pools[variant]
     if not pools:
-        raise RareaugError(f"{run}/synthetic: no {method} pool; run `rareaug generate --run {run} --method {method}` first")
+        fold_flag = f" --fold {fold}" if fold is not None else ""
+        raise RareaugError(f"{run}/synthetic: no {method} pool{' for fold ' + str(fold) if fold is not None else ''}; "
+                           f"run `rareaug generate --run {run} --method {method}{fold_flag}` first")
     if len(pools) > 1:
         raise RareaugError(f"{run}/synthetic: several {method} pools ({', '.join(pools)}); pass --variant NAME")
     return next(iter(pools.values()))
@@ -123,6 +148,29 @@ def _manifest(folder: Path) -> list[dict]:
 
 def _copy(source: Path, target: Path) -> None:
     if not source.is_file():
-        raise RareaugError(f"{source}: missing since the split was made; restore it, or start a new run")
+        raise RareaugError(f"{source}: missing; rerun the stage that made it")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
+
+
+def _write_real(row: SplitRow, target: Path, frame: int) -> None:
+    """Decoded pixels as a fresh PNG: 16-bit grey keeps a radiograph's depth; colour is 8-bit RGB."""
+    try:
+        pixels = decode(row.abs_path, frame=frame).pixels
+    except DecodeError as error:
+        raise RareaugError(f"{row.id}: its image no longer decodes ({str(error).split(': ', 1)[-1]}); restore the "
+                           "data folder the run was made from, or start a new run") from error
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if pixels.shape[0] == 1:
+        image = Image.fromarray((pixels[0] * 65535).round().astype(np.uint16))
+    else:
+        image = Image.fromarray((pixels[:3].transpose(1, 2, 0) * 255).round().astype(np.uint8), "RGB")
+    image.save(target, format="PNG")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RareaugError(f"{path}: unreadable ({error}); rerun the stage that writes it") from error
+    return content if isinstance(content, dict) else {}

@@ -84,7 +84,7 @@ def training_rows(rows: list[SplitRow], folds: int) -> list[SplitRow]:
     return [row for row in rows if row.rare and row.split == "train"]
 
 
-@timed_stage(lambda config: f"fit {config.fit.method}")
+@timed_stage(lambda config: f"fit {config.fit.method}", worked=lambda result: bool(result.trained))
 def fit(config: Config, given: set[str] = frozenset(), force: bool = False, console: Console | None = None) -> FitResult:
     from .models import check_base_model_spec, load_base_model
 

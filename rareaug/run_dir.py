@@ -25,14 +25,17 @@ SPLIT_KEYS = ("data.data", "data.layout", "data.rare", "data.negatives", "data.m
               "data.test_data", "data.frame", "split.test_fraction", "split.val_fraction", "split.folds")
 
 
-def timed_stage(name_of):
-    """Decorate a stage function taking the config first: its wall time, when it succeeds, goes to timings.json."""
+def timed_stage(name_of, worked=lambda result: True):
+    """Decorate a stage function taking the config first: its wall time, when it succeeds and `worked(result)`
+    (it did something, rather than find its outputs there already), goes to timings.json."""
     def decorate(stage):
         @functools.wraps(stage)
         def timed(config: Config, *args, **kwargs):
             start = time.monotonic()
             result = stage(config, *args, **kwargs)
-            RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start, _device_name(config.device))
+            if worked(result):
+                RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start,
+                                                  _device_name(config.device))
             return result
         return timed
     return decorate
@@ -64,8 +67,12 @@ class RunDir:
         return self.path / "timings.json"
 
     def add_time(self, stage: str, seconds: float, device: str = "") -> None:
-        """Wall time per stage, summed over resumed runs, for the report."""
-        timings = json.loads(self.timings_json.read_text()) if self.timings_json.is_file() else {}
+        """Wall time per stage, summed over resumed runs, for the report. One process per run directory is
+        assumed, as for every stage; an unreadable file starts afresh rather than failing a finished stage."""
+        try:
+            timings = json.loads(self.timings_json.read_text()) if self.timings_json.is_file() else {}
+        except (OSError, ValueError):
+            timings = {}
         entry = timings.setdefault(stage, {"seconds": 0.0, "runs": 0})
         entry["seconds"] = round(entry["seconds"] + seconds, 2)
         entry["runs"] += 1

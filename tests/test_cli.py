@@ -242,3 +242,10 @@ def re_name(requirement: str) -> str:
     import re
 
     return re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_demo_on_own_data_needs_a_model_and_a_rare_class(invoke, folder_data, tmp_path):
+    err = one_line_error(invoke, "demo", "--data", folder_data, "--rare", "crack", "--out", tmp_path / "d")
+    assert "--base-model" in err
+    err = one_line_error(invoke, "demo", "--rare", "crack", "--out", tmp_path / "d")
+    assert "go together" in err

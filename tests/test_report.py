@@ -106,3 +106,19 @@ def test_export_refuses_what_it_cannot_do_in_one_line(swept, tmp_path):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "a").exists()
+
+
+def test_export_of_dicom_writes_plain_pngs_without_patient_tags(dicom_data, tmp_path):
+    """Real images are decoded and re-encoded: no DICOM tag, not even in a file without a suffix, leaves."""
+    run = tmp_path / "run"
+    code, _, err = _invoke("inspect", "--data", dicom_data, "--rare", "pneumothorax", "--run", run)
+    assert code == 0, err
+    out = tmp_path / "export"
+    code, _, err = _invoke("export", "--run", run, "--ratio", "0", "--out", out)
+    assert code == 0, err
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != "manifest.csv"]
+    assert files and all(p.suffix == ".png" for p in files)
+    for path in [*files, out / "manifest.csv"]:
+        data = path.read_bytes()
+        assert b"Doe^Jane" not in data and b"PID-SECRET" not in data
+    assert Image.open(files[0]).mode in ("I;16", "I")  # 16-bit grey keeps the radiograph's depth

@@ -90,7 +90,7 @@ def target_count(config: Config, n_real: int) -> int:
     return gen.n if gen.n is not None else int(round(gen.ratio * n_real))
 
 
-@timed_stage(lambda config: f"generate {config.generate.method}")
+@timed_stage(lambda config: f"generate {config.generate.method}", worked=lambda result: result.made_now > 0)
 def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
              console: Console | None = None) -> GenerateResult:
     console = console or Console(stderr=True)

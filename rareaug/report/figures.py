@@ -28,7 +28,8 @@ def curve_points(data: ReportData, model: str, method: str) -> list[dict]:
             by_ratio.setdefault(ratio, []).append(row)
     points = []
     for ratio in sorted(by_ratio):
-        found = group_intervals(data.run / "sweep", by_ratio[ratio], [name for name, _ in CURVE_METRICS], n_boot=500)
+        found = group_intervals(data.run / "sweep", by_ratio[ratio], [name for name, _ in CURVE_METRICS],
+                                data.groups, n_boot=500)
         if not found:
             continue
         diversity = [float(c["diversity"]) for c in by_ratio[ratio] if c.get("diversity") not in (None, "", "nan")]

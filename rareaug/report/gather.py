@@ -57,6 +57,7 @@ class ReportData:
 
     def __post_init__(self):
         self._by_id = {row.id: row for row in self.rows}
+        self.groups = {row.id: row.group or row.id for row in self.rows}  # patients, for the bootstrap
 
 
 def gather(run_path: Path) -> ReportData:

@@ -7,10 +7,12 @@ import html
 import random
 from pathlib import Path
 
+import yaml
 from PIL import Image
 
 from data_adapters.decode import DecodeError
 
+from ..config import hash_path
 from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_text
@@ -63,7 +65,7 @@ def _header(data: ReportData, real_images: bool) -> str:
     return (f"<h1>rareaug report: rare class <em>{html.escape(data.rare)}</em></h1>"
             f"<p class=\"muted\">Run <code>{html.escape(data.run.name)}</code>, written "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Image ids are opaque (r… real, s… synthetic); "
-            f"nothing here names a patient or a file.</p>{note}")
+            f"no patient and no data file is named here.</p>{note}")
 
 
 def _recommendation(data: ReportData) -> str:
@@ -79,8 +81,8 @@ def _recommendation(data: ReportData) -> str:
             base = result["ratios"].get("0", {})
             gain = result.get("gain_over_ratio_0") or {}
             rows.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(method)}</td><td>{best:g}×</td>"
-                        f"<td>{_num(at.get('test_f1_mean'))}</td><td>{_num(at.get('test_recall_mean'))}</td>"
-                        f"<td>{_num(at.get('test_pr_auc_mean'))}</td><td>{_num(base.get('test_f1_mean'))}</td>"
+                        f"<td>{_num(_pooled_f1(at))}</td><td>{_num(at.get('test_recall_mean'))}</td>"
+                        f"<td>{_num(at.get('test_pr_auc_mean'))}</td><td>{_num(_pooled_f1(base))}</td>"
                         f"<td>{_gain_cell(gain)}</td></tr>")
             sentences.append(f"<li>{_verdict(model, method, best, base, at, gain)}</li>")
     if not rows:
@@ -92,19 +94,32 @@ def _recommendation(data: ReportData) -> str:
 
 
 def _verdict(model: str, method: str, best: float, base: dict, at: dict, gain: dict) -> str:
+    """Plain words, no stronger than the evidence: the interval covers test-set sampling only."""
     name = f"<b>{html.escape(method)}</b> ({html.escape(model)})"
+    runs = at.get("n_cells") or base.get("n_cells") or 0
+    caveat = (f" The interval covers the test images only, not training randomness ({runs} model(s) averaged) nor "
+              "the choice of the ratio on a small validation set.")
     if best == 0:
-        return f"{name}: validation prefers no synthetic images; train on the real images alone."
+        return (f"{name}: validation did not favour synthetic images at any ratio. With few rare validation images "
+                "this is uncertain: compare the curves above before deciding." )
     if not gain or "diff" not in gain:
         return f"{name}: {best:g}× recommended on validation; its gain could not be tested."
     span = f"{gain['diff']:+.3f}, 95% interval {gain['low']:+.3f} to {gain['high']:+.3f}"
-    change = f"test F1 from {_num(base.get('test_f1_mean'))} to {_num(at.get('test_f1_mean'))} ({span})"
-    if gain.get("distinguishable") and gain["diff"] > 0:
-        return f"{name}: adding {best:g}× synthetic images raised {change}: <span class=\"good\">a gain beyond test noise</span>."
-    if gain.get("distinguishable"):
-        return f"{name}: adding {best:g}× synthetic images lowered {change}: <span class=\"bad\">synthetic data hurt</span>."
+    change = f"test F1 from {_num(_pooled_f1(base))} to {_num(_pooled_f1(at))} ({span})"
+    if gain["low"] > 0:
+        return (f"{name}: adding {best:g}× synthetic images raised {change}: "
+                f"<span class=\"good\">a gain beyond test-set noise</span>.{caveat}")
+    if gain["high"] < 0:
+        return (f"{name}: adding {best:g}× synthetic images lowered {change}: "
+                f"<span class=\"bad\">synthetic data hurt</span>.{caveat}")
     return (f"{name}: {best:g}× changed {change}: <span class=\"flat\">not distinguishable from noise</span>; "
-            f"do not count on a gain.")
+            "do not count on a gain.")
+
+
+def _pooled_f1(entry: dict):
+    """Test F1 at each seed's pooled-validation threshold: the figure the gain is computed on."""
+    value = entry.get("test_f1_at_pooled_threshold_mean")
+    return value if value is not None else entry.get("test_f1_mean")
 
 
 def _curves(data: ReportData) -> str:
@@ -137,18 +152,19 @@ def _images(data: ReportData, real_images: bool) -> str:
     parts = ["<h2>Real and synthetic images</h2>"]
     if real_images and real_rows:
         shown = sorted(rng.sample(real_rows, min(REAL_SHOWN, len(real_rows))), key=lambda r: r.id)
-        tiles = [t for t in (_real_tile(row) for row in shown) if t is not None]
-        if tiles:
-            parts.append(_figure(figures.image_grid(tiles, REAL_SHOWN),
-                                 "real training images: " + ", ".join(r.id for r in shown)))
+        decoded = [(row, _real_tile(row)) for row in shown]
+        decoded = [(row, tile) for row, tile in decoded if tile is not None]
+        if decoded:
+            parts.append(_figure(figures.image_grid([tile for _, tile in decoded], REAL_SHOWN),
+                                 "real training images: " + ", ".join(row.id for row, _ in decoded)))
     for pool in data.pools:
         kept = pool.kept
         if not kept:
             continue
-        shown = kept[:SYNTHETIC_SHOWN]
-        tiles = [Image.open(pool.folder / row["file"]) for row in shown]
+        tiles = [t for t in (_synthetic_tile(pool.folder / row["file"]) for row in kept[:SYNTHETIC_SHOWN]) if t]
         parts.append(f"<h3>{html.escape(pool.variant)}</h3>")
-        parts.append(_figure(figures.image_grid(tiles, 8), f"{len(kept)} kept; the first {len(shown)} of the pool"))
+        if tiles:
+            parts.append(_figure(figures.image_grid(tiles, 8), f"{len(kept)} kept; the first {len(tiles)} of the pool"))
         if pool.method == "loft" and real_images:
             parts.append(_fused(data, pool))
     return "".join(parts)
@@ -167,7 +183,10 @@ def _fused(data: ReportData, pool) -> str:
             continue
         cells = [f"<img alt=\"{html.escape(s)}\" src=\"{_data_uri(figures.image_grid([t], 1))}\">"
                  for s, t in zip(sources, tiles)]
-        fused = _data_uri(figures.image_grid([Image.open(pool.folder / row["file"])], 1))
+        result = _synthetic_tile(pool.folder / row["file"])
+        if result is None:
+            continue
+        fused = _data_uri(figures.image_grid([result], 1))
         rows.append(f"<div class=\"fused\">{cells[0]} + {cells[1]} → <img alt=\"{html.escape(row['file'])}\" "
                     f"src=\"{fused}\"><span>{html.escape(sources[0])} (λ {html.escape(weights[0])}) + "
                     f"{html.escape(sources[1])} ({html.escape(weights[1] if len(weights) > 1 else '')}) → "
@@ -220,10 +239,25 @@ def _provenance(data: ReportData) -> str:
                "<p class=\"muted\">sweep-ratio includes the pools it generated on demand.</p>") if timing_rows else (
         "<p>No stage times recorded.</p>")
     versions = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in data.versions.items())
-    configs = "".join(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(text)}</pre></details>"
-                      for name, text in data.stages.items())
+    configs = "".join(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(_without_paths(text))}</pre>"
+                      "</details>" for name, text in data.stages.items())
     return (f"<h2>How this run was made</h2>{timings}<p>Versions: {versions}.</p>"
-            f"<p>Resolved configuration of each stage (local paths appear only as hashes):</p>{configs}")
+            f"<p>Resolved configuration of each stage (a local path appears as its last part and a hash):</p>{configs}")
+
+
+def _without_paths(text: str) -> str:
+    """Stage configs hash the data paths already; model and weight paths are shortened here too."""
+    try:
+        content = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return "(unreadable stage config)"
+    for section, key in (("fit", "base_model"), ("generate", "base_model"), ("sweep", "weights"),
+                         ("sweep", "clip_model")):
+        value = (content.get(section) or {}).get(key)
+        if isinstance(value, str) and ("/" in value or "\\" in value) and (value.startswith((".", "~", "/")) or
+                                                                           value.count("/") > 1):
+            content[section][key] = f"{Path(value).name} (path {hash_path(value)})"
+    return yaml.safe_dump(content, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -234,6 +268,14 @@ def _real_tile(row) -> Image.Image | None:
         return None
     array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype("uint8")
     return Image.fromarray(array)
+
+
+def _synthetic_tile(path) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError):  # deleted or damaged since generate: leave it out rather than fail the page
+        return None
 
 
 def _figure(png: bytes, caption: str) -> str:
@@ -252,6 +294,5 @@ def _num(value) -> str:
 def _gain_cell(gain: dict) -> str:
     if not gain or "diff" not in gain:
         return "—"
-    css = "good" if gain.get("distinguishable") and gain["diff"] > 0 else (
-        "bad" if gain.get("distinguishable") else "flat")
+    css = "good" if gain["low"] > 0 else ("bad" if gain["high"] < 0 else "flat")
     return f"<span class=\"{css}\">{gain['diff']:+.3f}</span> [{gain['low']:+.3f}, {gain['high']:+.3f}]"

@@ -6,22 +6,45 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import RareaugError
 from .metrics import seed_mean_intervals
 
 
 def cell_predictions(sweep_dir: Path, cell: str, split: str = "test") -> list[dict]:
     """One cell's saved predictions on a split, sorted by image id so cells line up."""
-    with open(Path(sweep_dir) / "predictions" / f"{cell}.csv", newline="", encoding="utf-8") as handle:
-        return sorted((row for row in csv.DictReader(handle) if row["split"] == split), key=lambda row: row["id"])
+    path = Path(sweep_dir) / "predictions" / f"{cell}.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return sorted((row for row in csv.DictReader(handle) if row["split"] == split), key=lambda row: row["id"])
+    except (OSError, KeyError) as error:
+        raise RareaugError(f"{path}: missing or unreadable ({error}); rerun `rareaug sweep-ratio` on this run") from error
 
 
-def group_intervals(sweep_dir: Path, cells: Sequence[dict], metrics: Sequence[str], n_boot: int = 1000,
-                    seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    """metric -> (mean over `cells` (rows of metrics.csv), low, high); {} when none has test predictions."""
-    runs, labels = [], None
+def group_intervals(sweep_dir: Path, cells: Sequence[dict], metrics: Sequence[str], group_of: dict[str, str],
+                    n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """metric -> (mean over `cells` (rows of metrics.csv), low, high); {} when none has test predictions.
+
+    `group_of` maps image id -> patient group: whole patients are resampled, as everywhere else in the sweep.
+    """
+    runs, ids = [], None
     for cell in cells:
         test = cell_predictions(sweep_dir, cell["cell"])
-        if test:
-            labels = [int(row["label"]) for row in test]
-            runs.append(([float(row["score"]) for row in test], float(cell["threshold"])))
-    return seed_mean_intervals(labels, runs, metrics, n_boot=n_boot, seed=seed) if runs else {}
+        if not test:
+            continue
+        cell_ids = [row["id"] for row in test]
+        if ids is not None and cell_ids != ids:
+            raise RareaugError(f"{sweep_dir}: cells {cells[0]['cell']} and {cell['cell']} were tested on different "
+                               "images; rerun `rareaug sweep-ratio` on this run")
+        ids, labels = cell_ids, [int(row["label"]) for row in test]
+        runs.append(([float(row["score"]) for row in test], float(cell["threshold"])))
+    if not runs:
+        return {}
+    groups = [group_of.get(i) or i for i in ids]
+    return seed_mean_intervals(labels, runs, metrics, groups=groups, n_boot=n_boot, seed=seed)
+
+
+def patient_groups(split_csv: Path) -> dict[str, str]:
+    """Image id -> its (salted) patient group from split.csv; images without one are their own group."""
+    from ..split import read_split
+
+    return {row.id: row.group or row.id for row in read_split(split_csv)}

@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -244,11 +245,14 @@ def main(argv: list[str] | None = None) -> None:
                             recipe, device, deadline, log)
     ema = result.pop("ema")
     summary.update(result)
-    save(args.out, ema["unet"], modules["vae"], ema["text_encoder"])
+    # Built beside --out and swapped in at the end: a failure never leaves new weights under an old model card.
+    staging = args.out.parent / f".{args.out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    save(staging, ema["unet"], modules["vae"], ema["text_encoder"])
     # 4. Samples, judged by a classifier trained on real images
     from .check import judge_images, train_judge
 
-    generated, asked = sample_grid(args.out, device)
+    generated, asked = sample_grid(staging, device)
     judged = judge_images(train_judge(), generated.cpu())
     agreement = {name: sum(j == a for j, a in zip(judged, asked) if a == name) / asked.count(name)
                  for name in dict.fromkeys(asked)}
@@ -260,8 +264,13 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in modules[name].parameters()) for name in COMPONENTS},
     })
-    (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_card(args.out, summary)
+    (staging / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_card(staging, summary)
+    replaced = args.out.parent / f".{args.out.name}.old"
+    if args.out.exists():
+        args.out.rename(replaced)
+    staging.rename(args.out)
+    shutil.rmtree(replaced, ignore_errors=True)
     log({"done": True, **{k: v for k, v in summary.items() if k not in ("recipe",)}})
 
 
