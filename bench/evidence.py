@@ -21,7 +21,6 @@ import csv
 import datetime
 import hashlib
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -35,9 +34,11 @@ sys.path.insert(0, str(ROOT))
 from rareaug.models.mini import MINI_FOLDER  # noqa: E402
 from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset,  # noqa: E402
                                            write_class_folders)
-from rareaug.report.gather import package_versions  # noqa: E402
+from rareaug.report.gather import package_versions, read_pools  # noqa: E402
+from rareaug.fit import device_label, resolve_device  # noqa: E402
 from rareaug.io import atomic_write_text  # noqa: E402
-from rareaug.sweep.curves import group_intervals, patient_groups  # noqa: E402
+from rareaug.split import read_split  # noqa: E402
+from rareaug.sweep.curves import cells_at, group_intervals, patient_groups  # noqa: E402
 
 LORA_METHODS = ("loft", "datadream", "chimera")
 BASELINES = ("classprompt", "classic")
@@ -126,8 +127,7 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
     for model, by_method in summary["models"].items():
         for method, result in by_method.items():
             for ratio in sorted(result["ratios"], key=float):
-                chosen = [c for c in cells if c["model"] == model and float(c["ratio"]) == float(ratio)
-                          and c["method"] == ("none" if float(ratio) == 0 else method)]
+                chosen = cells_at(cells, model, method, float(ratio))
                 row = {"n_synth": result["ratios"][ratio]["n_synth"], "val_f1": result["ratios"][ratio]["val_f1"],
                        "f1_sd": result["ratios"][ratio]["test_f1_sd"], "n_cells": len(chosen)}
                 row.update(_intervals(run, chosen))
@@ -142,28 +142,22 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
         "summary": summary, "table": table, "guard": _guard(run), "minutes": minutes, "total_minutes": total,
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
-        "device": _device(args.device), "versions": package_versions(VERSIONS), "date": datetime.date.today().isoformat(),
+        "device": device_label(resolve_device(args.device)), "versions": package_versions(VERSIONS), "date": datetime.date.today().isoformat(),
         "mini_unet_sha256": hashlib.sha256((MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
     }
 
 
 def _intervals(run: Path, cells: list[dict]) -> dict:
     """Seed (and fold) mean of each test metric with a 95% bootstrap interval over the test images."""
-    found = group_intervals(run / "sweep", cells, SHOWN, patient_groups(run / "split.csv"), n_boot=1000, seed=0)
+    found = group_intervals(run / "sweep", cells, SHOWN, patient_groups(read_split(run / "split.csv")), n_boot=1000,
+                            seed=0)
     return {name: {"mean": mean, "low": low, "high": high} for name, (mean, low, high) in found.items()}
 
 
 def _guard(run: Path) -> dict:
-    out = {}
-    for manifest in sorted((run / "synthetic").glob("*/manifest.csv")):
-        with open(manifest, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        variant = manifest.parent.name
-        rejected = [r for r in rows if r.get("kept") == "0"]
-        summary_file = manifest.parent / "summary.json"
-        threshold = json.loads(summary_file.read_text()).get("guard_threshold") if summary_file.is_file() else None
-        out[variant] = {"made": len(rows), "rejected": len(rejected), "threshold": threshold}
-    return out
+    return {pool.variant: {"made": len(pool.rows), "rejected": len(pool.rejected),
+                           "threshold": pool.summary.get("guard_threshold")}
+            for pool in read_pools(run / "synthetic")}
 
 
 def markdown(e: dict) -> str:
@@ -221,14 +215,6 @@ def _ci(row: dict, name: str) -> str:
         return "—"
     m = row[name]
     return f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _relative(path: Path) -> Path:

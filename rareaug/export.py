@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import re
@@ -24,7 +23,8 @@ from PIL import Image
 from data_adapters.decode import DecodeError, decode
 
 from .errors import RareaugError
-from .generate.manifest import kept_rows
+from .generate.manifest import Manifest, kept_rows
+from .io import read_json
 from .split import SplitRow, read_split
 
 MANIFEST_COLUMNS = ("file", "class", "source", "id", "variant", "loras", "weights", "seed", "nearest_real_id",
@@ -70,7 +70,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
     needed = int(round(ratio * len(rare_train)))
     # 2. Which pool, and are there enough kept images in it.
     folder = _pool(run, method, variant, fold if folds > 1 else None) if needed else None
-    kept = kept_rows(_manifest(folder)) if folder else []
+    kept = kept_rows(Manifest(folder).rows()) if folder else []
     if len(kept) < needed:
         raise RareaugError(f"{folder}: {len(kept)} kept images, ratio {ratio:g} needs {needed}; run `rareaug generate "
                            f"--run {run} --method {method} --ratio {ratio:g}` first")
@@ -108,7 +108,7 @@ def _recommended_ratio(run: Path, method: str, model: str | None) -> float:
     path = run / "sweep" / "summary.json"
     if not path.is_file():
         raise RareaugError(f"{path}: no sweep yet; run `rareaug sweep-ratio --run {run}` first, or pass --ratio R")
-    models = _read_json(path).get("models", {})
+    models = (read_json(path) or {}).get("models", {})
     if model is None:
         if len(models) != 1:
             raise RareaugError(f"{path}: the sweep has several models ({', '.join(models)}); pass --model NAME")
@@ -126,7 +126,7 @@ def _pool(run: Path, method: str, variant: str | None, fold: int | None) -> Path
     for summary in sorted((run / "synthetic").glob("*/summary.json")):
         found = re.search(r"-f(\d+)$", summary.parent.name)
         pool_fold = int(found.group(1)) if found else None
-        if _read_json(summary).get("method") == method and pool_fold == fold:
+        if (read_json(summary) or {}).get("method") == method and pool_fold == fold:
             pools[summary.parent.name] = summary.parent
     if variant:
         if variant not in pools:
@@ -139,11 +139,6 @@ def _pool(run: Path, method: str, variant: str | None, fold: int | None) -> Path
     if len(pools) > 1:
         raise RareaugError(f"{run}/synthetic: several {method} pools ({', '.join(pools)}); pass --variant NAME")
     return next(iter(pools.values()))
-
-
-def _manifest(folder: Path) -> list[dict]:
-    with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -166,11 +161,3 @@ def _write_real(row: SplitRow, target: Path, frame: int) -> None:
     else:
         image = Image.fromarray((pixels[:3].transpose(1, 2, 0) * 255).round().astype(np.uint8), "RGB")
     image.save(target, format="PNG")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise RareaugError(f"{path}: unreadable ({error}); rerun the stage that writes it") from error
-    return content if isinstance(content, dict) else {}

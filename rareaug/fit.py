@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import platform
 import io
 import time
 from pathlib import Path
@@ -54,6 +55,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RareaugError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
     return device
+
+
+def device_label(device: torch.device) -> str:
+    """How records name the device: the GPU's model, or the CPU with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def same_model_as_other_fits(config: Config, given: set[str]) -> Config:

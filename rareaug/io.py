@@ -10,6 +10,19 @@ from typing import Any
 import yaml
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file rareaug wrote: None when it is not there yet; one line naming it when it is damaged."""
+    from .errors import RareaugError
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RareaugError(f"{path}: unreadable ({error}); rerun the stage that writes it") from error
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,12 +42,9 @@ def timed_stage(name_of, worked=lambda result: True):
 
 
 def _device_name(requested: str) -> str:
-    import torch
+    from .fit import device_label, resolve_device  # fit imports this module
 
-    from .fit import resolve_device  # fit imports this module
-
-    device = resolve_device(requested)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    return device_label(resolve_device(requested))
 
 
 class RunDir:

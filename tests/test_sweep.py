@@ -166,21 +166,16 @@ def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp
         with open(run / "sweep" / "predictions" / f"loft-r1-tiny-resnet18-s0-f{fold}.csv", newline="") as handle:
             val_ids = {r["id"] for r in csv.DictReader(handle) if r["split"] == "val"}
         assert val_ids and all(fold_of[i] == fold for i in val_ids)
-    # Class-level LoRAs are fitted once per fold, each without that fold's images.
-    code, _, err = invoke("fit", "--run", run, "--method", "datadream", "--steps", "2", "--batch-size", "4")
-    assert code == 0, err
+    # Class-level LoRAs are fitted once per fold, each without that fold's images (DataDream's images, Chimera's heads).
     from rareaug.lora.files import read_safetensors
 
-    for fold in range(3):
-        _, metadata = read_safetensors(run / "loras" / "datadream" / f"crack-f{fold}.safetensors")
-        images = json.loads(metadata["images"])
-        assert images and all(fold_of[i] != fold for i in images)
-    code, _, err = invoke("fit", "--run", run, "--method", "chimera", "--steps", "2", "--batch-size", "4")
-    assert code == 0, err
-    for fold in range(3):
-        _, metadata = read_safetensors(run / "loras" / "chimera" / f"crack-f{fold}.safetensors")
-        heads = json.loads(metadata["heads"])
-        assert heads and all(fold_of[h] != fold for h in heads)
+    for method, key in (("datadream", "images"), ("chimera", "heads")):
+        code, _, err = invoke("fit", "--run", run, "--method", method, "--steps", "2", "--batch-size", "4")
+        assert code == 0, err
+        for fold in range(3):
+            _, metadata = read_safetensors(run / "loras" / method / f"crack-f{fold}.safetensors")
+            used = json.loads(metadata[key])
+            assert used and all(fold_of[i] != fold for i in used)
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", "--methods", "datadream", *GRID)
     assert code == 0, err
     assert {int(r["fold"]) for r in metrics(run) if r["method"] == "datadream"} == {0, 1, 2}

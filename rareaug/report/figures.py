@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..sweep.curves import group_intervals  # noqa: E402
+from ..sweep.curves import cells_at, group_intervals  # noqa: E402
 from .gather import ReportData  # noqa: E402
 
 CURVE_METRICS = (("recall", "recall"), ("f1", "F1"), ("pr_auc", "PR-AUC"))
@@ -19,13 +19,8 @@ BASELINE = "none"
 
 def curve_points(data: ReportData, model: str, method: str) -> list[dict]:
     """Per ratio: test recall, F1 and PR-AUC averaged over seeds and folds, with 95% test-bootstrap intervals."""
-    by_ratio: dict[float, list[dict]] = {}
-    for row in data.metrics:
-        if row["model"] != model:
-            continue
-        ratio = float(row["ratio"])
-        if (ratio == 0 and row["method"] == BASELINE) or (ratio > 0 and row["method"] == method):
-            by_ratio.setdefault(ratio, []).append(row)
+    ratios = {float(row["ratio"]) for row in data.metrics if row["model"] == model}
+    by_ratio = {ratio: cells for ratio in ratios if (cells := cells_at(data.metrics, model, method, ratio))}
     points = []
     for ratio in sorted(by_ratio):
         found = group_intervals(data.run / "sweep", by_ratio[ratio], [name for name, _ in CURVE_METRICS],

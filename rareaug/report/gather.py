@@ -7,14 +7,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.metadata
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..errors import RareaugError
-from ..generate.manifest import kept_rows
+from ..generate.manifest import Manifest, kept_rows
+from ..io import read_json
 from ..run_dir import RunDir
 from ..split import SplitRow, read_split
+from ..sweep.curves import patient_groups
 
 VERSIONED = ("rareaug", "torch", "diffusers", "peft", "transformers", "scikit-learn")
 
@@ -57,7 +58,7 @@ class ReportData:
 
     def __post_init__(self):
         self._by_id = {row.id: row for row in self.rows}
-        self.groups = {row.id: row.group or row.id for row in self.rows}  # patients, for the bootstrap
+        self.groups = patient_groups(self.rows)  # for the bootstrap
 
 
 def gather(run_path: Path) -> ReportData:
@@ -72,33 +73,25 @@ def gather(run_path: Path) -> ReportData:
         counts[row.cls][row.split] += 1
     return ReportData(
         run=run.path, rows=rows, rare=rare, counts=dict(counts),
-        data=_json(run.data_json) or {},
-        pools=_pools(run.path / "synthetic"),
-        summary=_json(run.path / "sweep" / "summary.json"),
+        data=read_json(run.data_json) or {},
+        pools=read_pools(run.path / "synthetic"),
+        summary=read_json(run.path / "sweep" / "summary.json"),
         metrics=_csv(run.path / "sweep" / "metrics.csv"),
         stages={p.stem: p.read_text() for p in sorted((run.path / "stages").glob("*.yaml"))},
-        timings=_json(run.timings_json) or {},
+        timings=read_json(run.timings_json) or {},
         versions=package_versions(VERSIONED),
     )
 
 
-def _pools(folder: Path) -> list[Pool]:
+def read_pools(folder: Path) -> list[Pool]:
+    """Every synthetic pool under RUN/synthetic with its manifest (shards of an interrupted run included)."""
     pools = []
     for manifest in sorted(folder.glob("*/manifest.csv")):
-        summary = _json(manifest.parent / "summary.json") or {}
-        rows = _csv(manifest)
+        summary = read_json(manifest.parent / "summary.json") or {}
+        rows = Manifest(manifest.parent).rows()
         method = summary.get("method") or (rows[0]["method"] if rows else manifest.parent.name.split("-")[0])
         pools.append(Pool(manifest.parent.name, method, manifest.parent, rows, summary))
     return pools
-
-
-def _json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise RareaugError(f"{path}: unreadable JSON ({error}); rerun the stage that writes it") from error
 
 
 def _csv(path: Path) -> list[dict]:

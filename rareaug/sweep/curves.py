@@ -43,8 +43,13 @@ def group_intervals(sweep_dir: Path, cells: Sequence[dict], metrics: Sequence[st
     return seed_mean_intervals(labels, runs, metrics, groups=groups, n_boot=n_boot, seed=seed)
 
 
-def patient_groups(split_csv: Path) -> dict[str, str]:
-    """Image id -> its (salted) patient group from split.csv; images without one are their own group."""
-    from ..split import read_split
+def patient_groups(rows) -> dict[str, str]:
+    """Image id -> its (salted) patient group from split.csv's rows; images without one are their own group."""
+    return {row.id: row.group or row.id for row in rows}
 
-    return {row.id: row.group or row.id for row in read_split(split_csv)}
+
+def cells_at(metrics: Sequence[dict], model: str, method: str, ratio: float) -> list[dict]:
+    """The metrics.csv rows behind one point of a method's curve: ratio 0 is the shared `none` baseline."""
+    wanted = "none" if ratio == 0 else method
+    return [row for row in metrics
+            if row["model"] == model and float(row["ratio"]) == ratio and row["method"] == wanted]

@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import json
 import math
-import platform
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ...samples.fashion_mnist import COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
+from ...fit import device_label
 from ..tiny import clip_tokenizer, sd_ddpm_scheduler
 from . import COMPONENTS, PROMPT, RESOLUTION, build_untrained
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Data and architecture, seeded
     torch.manual_seed(args.seed)
     images, labels = common_class_images(recipe)
-    log({"images": len(images), "classes": list(COMMON_CLASSES), "device": _device_name(device)})
+    log({"images": len(images), "classes": list(COMMON_CLASSES), "device": device_label(device)})
     modules = build_untrained()
     tokenizer = clip_tokenizer()
     # 2. Autoencoder
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                  for name in dict.fromkeys(asked)}
     summary.update({
         "recipe_name": args.recipe, "recipe": dataclasses.asdict(recipe), "seed": args.seed,
-        "device": _device_name(device), "minutes": (time.monotonic() - started) / 60,
+        "device": device_label(device), "minutes": (time.monotonic() - started) / 60,
         "latent_scaling_factor": scaling, "judge_agreement": agreement,
         "command": "python -m rareaug.models.mini.train " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -305,7 +305,7 @@ def write_card(out: Path, summary: dict) -> None:
         f"AdamW lr {recipe['unet_lr']} (warm-up {recipe['warmup']}, cosine), epsilon prediction on SD's "
         f"scaled-linear schedule, {recipe['uncond_prob']:.0%} empty prompts, EMA {recipe['ema_decay']}; "
         f"final loss {summary['unet_final_loss']:.4f}.",
-        f"- Parameters: " + ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in summary["parameters"].items())
+        "- Parameters: " + ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in summary["parameters"].items())
         + f"; {sum(sizes.values()) / 1e6:.1f} MB in float16.",
         "- Sampling default: DPM-Solver++ (the scheduler folder), 25 steps; guidance 3.0 in the grid below.",
         "",
@@ -327,12 +327,6 @@ def write_card(out: Path, summary: dict) -> None:
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
