@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import rareaug  # noqa: E402
 from rareaug.models.mini import MINI_FOLDER  # noqa: E402
 from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset,  # noqa: E402
                                            write_class_folders)
@@ -142,9 +143,17 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
         "summary": summary, "table": table, "guard": _guard(run), "minutes": minutes, "total_minutes": total,
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
-        "device": device_label(resolve_device(args.device)), "versions": package_versions(VERSIONS), "date": datetime.date.today().isoformat(),
+        "device": device_label(resolve_device(args.device)), "versions": _versions(), "date": datetime.date.today().isoformat(),
         "mini_unet_sha256": hashlib.sha256((MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
     }
+
+
+def _versions() -> dict[str, str]:
+    """Installed versions; rareaug's own from the source when it runs from a checkout that is not installed."""
+    found = package_versions(VERSIONS)
+    if found["rareaug"] == "not installed":
+        found["rareaug"] = f"{rareaug.__version__} (source)"
+    return found
 
 
 def _intervals(run: Path, cells: list[dict]) -> dict:
