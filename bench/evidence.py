@@ -37,7 +37,7 @@ from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_m
                                            write_class_folders)
 from rareaug.report.gather import package_versions, read_pools  # noqa: E402
 from rareaug.fit import device_label, resolve_device  # noqa: E402
-from rareaug.io import atomic_write_text  # noqa: E402
+from rareaug.io import atomic_write_text, read_json  # noqa: E402
 from rareaug.split import read_split  # noqa: E402
 from rareaug.sweep.curves import cells_at, group_intervals, patient_groups  # noqa: E402
 
@@ -142,6 +142,7 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "n_real_rare_train": int(first["n_real_rare"]), "n_val_pos": int(first["n_val_pos"]),
         "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
         "summary": summary, "table": table, "guard": _guard(run), "minutes": minutes, "total_minutes": total,
+        "stage_times": read_json(run / "timings.json") or {},
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
         "device": device_label(resolve_device(args.device)), "versions": _versions(), "date": datetime.date.today().isoformat(),
         "mini_unet_sha256": hashlib.sha256((MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
@@ -213,6 +214,9 @@ def markdown(e: dict) -> str:
     lines += ["", "## How it was made", "", f"- Command: `{e['command']}` ({e['date']}, {e['device']}, "
               f"{e['total_minutes']:.1f} minutes in all).",
               "- Stages: " + ", ".join(f"{k} {v:.1f} min" for k, v in e["minutes"].items()) + ".",
+              "- Stage work recorded in the run's `timings.json` (a resumed run keeps what earlier runs did, and "
+              "where): " + ", ".join(f"{k} {t['seconds'] / 60:.1f} min on {t['device']}"
+                                     for k, t in e.get("stage_times", {}).items()) + ".",
               "- What it ran:", *[f"  - `{c}`" for c in e["commands"]],
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items())
               + f"; rareaug-mini UNet sha256 {e['mini_unet_sha256']}.", ""]

@@ -64,7 +64,7 @@ def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, aug
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     params = list(model.trainable_parameters())
-    optimizer = torch.optim.AdamW(params, lr=sweep.lr, weight_decay=sweep.weight_decay)
+    optimizer = _adamw(params, sweep)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, sweep.steps // 20),
                              num_training_steps=sweep.steps)
     weight = (torch.tensor([pos_weight]) if weights is None else weights).to(device)
@@ -93,6 +93,16 @@ def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, aug
     model.load_state_dict(best[2])
     return CellOutcome(scores(model, cell.val, cache, device), scores(model, cell.test, cache, device), best[1],
                        best[0], pos_weight)
+
+
+def _adamw(params, sweep: SweepConfig) -> torch.optim.AdamW:
+    """The fused kernel where this torch has it (CPU and CUDA since 2.4): on 2 CPU cores the per-parameter
+    loop took 73 ms of a 165 ms ResNet18 step at 32 px, the fused one 11 ms. Same update rule; results
+    differ from the loop's only by float rounding."""
+    try:
+        return torch.optim.AdamW(params, lr=sweep.lr, weight_decay=sweep.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=sweep.lr, weight_decay=sweep.weight_decay)
 
 
 def _criterion(logits: torch.Tensor, examples: list[Example], weight: torch.Tensor, multiclass: bool) -> torch.Tensor:
