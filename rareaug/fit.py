@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__
+from . import __version__, distributed
 from .config import Config, FitConfig, resolved_fit
 from .errors import RareaugError
 from .images import model_input
@@ -94,6 +94,7 @@ def training_rows(rows: list[SplitRow], folds: int) -> list[SplitRow]:
 
 @timed_stage(lambda config: f"fit {config.fit.method}", worked=lambda result: bool(result.trained))
 def fit(config: Config, given: set[str] = frozenset(), force: bool = False, console: Console | None = None) -> FitResult:
+    """Under `accelerate launch` / `torchrun`, each process trains its share of the LoRAs (see distributed.py)."""
     from .models import check_base_model_spec, load_base_model
 
     console = console or Console(stderr=True)
@@ -101,10 +102,12 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     config = same_model_as_other_fits(config, given)
     fit_config = resolved_fit(config)
     check_base_model_spec(fit_config.base_model)
-    device = resolve_device(config.device)
+    distributed.setup(config.device)
+    device = resolve_device(distributed.local_device(config.device))
 
     # 2. The frozen split and the images to train on.
-    rows, config, _ = frozen_split(config, given)
+    with distributed.main_first():
+        rows, config, _ = frozen_split(config, given)
     train = training_rows(rows, config.split.folds)
     if len(train) < 2:
         raise RareaugError(f"{RunDir(config.run_dir()).split_csv}: only {len(train)} rare training image(s); "
@@ -115,29 +118,58 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     run = RunDir(config.run_dir())
     method = fit_config.method
     out_dir = run.path / "loras" / method
-    start_over = run.check_stage_config("fit", method, config, force=force)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with distributed.main_first():
+        start_over = run.check_stage_config("fit", method, config, force=force)
+        out_dir.mkdir(parents=True, exist_ok=True)
     jobs_all = plan_jobs(method, train, config.split.folds)
     done = set() if start_over else finished_units(out_dir, fit_config.steps)
-    jobs = [job for job in jobs_all if not all(unit in done for unit in job.units)]
-    skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in jobs for u in j.units})
-    if not jobs:
+    pending = [job for job in jobs_all if not all(unit in done for unit in job.units)]
+    skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in pending for u in j.units})
+    if not pending:
         console.print(f"fit {method}: all {len(skipped)} LoRA(s) already trained in {out_dir}")
         return FitResult(method, out_dir, [], skipped, None)
+    jobs = distributed.shard(pending)  # every pending job on one process; LoRAs never depend on each other
 
     # 4. Load the base model; encode images and prompts once (cached in the run dir).
     amp_dtype = amp_settings(device)[0]
     base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32)
-    if start_over:
-        clear_outputs(out_dir)  # --force with a new config: LoRAs of the old one must not mix in
-    run.write_stage_config("fit", method, config)
-    data = encode_training_set(base, train, config, run, device)
+    distributed.barrier()  # every process has read what was there before rank 0 clears it
+    if distributed.is_main():
+        if start_over:
+            clear_outputs(out_dir)  # --force with a new config: LoRAs of the old one must not mix in
+        run.write_stage_config("fit", method, config)
+    with distributed.main_first():
+        data = encode_training_set(base, train, config, run, device)
 
-    # 5. Train every pending job in one bank, LoFT's adapters batch_size at a time.
-    batch_size = fit_config.batch_size or resumed_batch_size(out_dir) or default_batch_size(device, method, len(train))
-    (out_dir / "checkpoints").mkdir(exist_ok=True)
-    atomic_write_text(out_dir / "checkpoints" / "batch_size", f"{batch_size}\n")
+    # 5. Train this process's jobs in one bank, LoFT's adapters batch_size at a time.
+    checkpoints = out_dir / "checkpoints"
+    batch_file = checkpoints / ("batch_size" if distributed.world_size() == 1 else f"batch_size.{distributed.rank()}")
+    batch_size = (fit_config.batch_size or resumed_batch_size(batch_file)
+                  or default_batch_size(device, method, len(train)))
+    checkpoints.mkdir(exist_ok=True)
+    atomic_write_text(batch_file, f"{batch_size}\n")
     jobs = regroup_loft(jobs, batch_size) if method == "loft" else jobs
+    trained, rate = _train_jobs(jobs, base, data, train, config, device, batch_size, out_dir, console) if jobs else ([], 0.0)
+
+    # 6. Rank 0 folds every process's index and loss shards into index.csv and losses.csv.
+    distributed.barrier()
+    if distributed.is_main():
+        merge_shards(out_dir)
+        clear_checkpoints(out_dir)  # every job is done: what is left belongs to chunkings no longer used
+    distributed.barrier()
+    trained_all = [unit for part in distributed.gather(trained) for unit in part]
+    rates = distributed.gather(rate)  # adapter-steps/s of each process; together they are the run's
+    if distributed.is_main():
+        console.print(f"fit {method}: trained {len(trained_all)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
+                      + (f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else "")
+                      + (" [tiny test model: not a real model]" if base.is_tiny else ""))
+    return FitResult(method, out_dir, trained_all, skipped, sum(rates))
+
+
+def _train_jobs(jobs: list[Job], base, data: TrainData, train: list[SplitRow], config: Config, device: torch.device,
+                batch_size: int, out_dir: Path, console: Console) -> tuple[list[str], float]:
+    """This process's jobs, one after another in one bank; returns the units trained and adapter-steps/s."""
+    fit_config, method = config.fit, config.fit.method
     n_b = len(train) if method == "chimera" else (batch_size if method == "loft" else 1)
     bank = LoRABank(base.unet, n_a=batch_size if method == "loft" else 1, n_b=n_b, rank=fit_config.rank,
                     alpha=fit_config.alpha, targets=tuple(fit_config.targets.split(",")))
@@ -151,7 +183,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     base.unet.requires_grad_(False)
     for parameter in bank.parameters() + (text_bank.parameters() if text_bank else []):
         parameter.requires_grad_(True)
-    tracker = _Progress(console, jobs, fit_config.steps, method)
+    tracker = _Progress(console, jobs, fit_config.steps, method, show=distributed.is_main())
     runner = JobRunner(base.unet, bank, base.scheduler, data, fit_config, config.seed, device, batch_size,
                        checkpoint_dir=out_dir / "checkpoints", on_step=tracker.advance,
                        text_encoder=base.text_encoder, text_bank=text_bank)
@@ -162,24 +194,20 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
             save_job(job, bank, losses, train, fit_config, base, out_dir, text_bank)
             (out_dir / "checkpoints" / f"{job.key}.pt").unlink(missing_ok=True)
             trained += job.units
-    clear_checkpoints(out_dir)  # every job is done: what is left belongs to chunkings no longer used
-    console.print(f"fit {method}: trained {len(trained)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
-                  + (" [tiny test model: not a real model]" if base.is_tiny else ""))
-    return FitResult(method, out_dir, trained, skipped, tracker.rate())
+    return trained, tracker.rate()
 
 
 def clear_outputs(out_dir: Path) -> None:
     """Remove a method's LoRAs, index, losses and checkpoints (rareaug's own outputs, never user data)."""
-    for pattern in ("*.safetensors", "index.csv", "losses.csv", "checkpoints/*"):
+    for pattern in ("*.safetensors", "index.csv", "losses.csv", "index.part-*.csv", "losses.part-*.csv", "checkpoints/*"):
         for path in out_dir.glob(pattern):
             path.unlink()
 
 
-def resumed_batch_size(out_dir: Path) -> int | None:
+def resumed_batch_size(recorded: Path) -> int | None:
     """An interrupted fit without --batch-size resumes with the chunking its checkpoints were made with
     (the default depends on free GPU memory, which can differ between runs)."""
-    recorded = out_dir / "checkpoints" / "batch_size"
-    if recorded.exists() and list((out_dir / "checkpoints").glob("*.pt")):
+    if recorded.exists() and list(recorded.parent.glob("*.pt")):
         return int(recorded.read_text())
     return None
 
@@ -228,14 +256,42 @@ def default_batch_size(device: torch.device, method: str, n_images: int) -> int:
 
 def finished_units(out_dir: Path, steps: int) -> set[str]:
     """Units (image ids for LoFT, the class otherwise) whose file exists and whose index row says all
-    steps were done: the index is written after the file, so a file alone is not proof."""
-    index = out_dir / "index.csv"
-    if not index.exists():
-        return set()
-    with open(index, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {row["lora"] for row in rows
+    steps were done: the index is written after the file, so a file alone is not proof. Index shards of
+    processes that were stopped before rank 0 merged them count too."""
+    return {row["lora"] for row in _index_rows(out_dir)
             if int(row["steps_done"]) >= steps and (out_dir / f"{safe_name(row['lora'])}.safetensors").exists()}
+
+
+def _index_rows(out_dir: Path) -> list[dict]:
+    """index.csv and every process's shard of it; a LoRA's latest row wins (shards are newer than the index)."""
+    by_lora: dict[tuple[str, str], dict] = {}
+    for path in [out_dir / "index.csv", *sorted(out_dir.glob("index.part-*.csv"))]:
+        if path.exists():
+            with open(path, newline="") as handle:
+                for row in csv.DictReader(handle):
+                    by_lora[row["lora"], row["image_id"]] = row
+    return list(by_lora.values())
+
+
+def merge_shards(out_dir: Path) -> None:
+    """Fold the processes' index and loss shards into index.csv and losses.csv (rank 0, after the others finished)."""
+    index_parts, loss_parts = sorted(out_dir.glob("index.part-*.csv")), sorted(out_dir.glob("losses.part-*.csv"))
+    if not index_parts and not loss_parts:
+        return
+    rows = sorted(_index_rows(out_dir), key=lambda row: (row["lora"], row["image_id"]))
+    _write_index(out_dir / "index.csv", [[row[column] for column in INDEX_COLUMNS] for row in rows])
+    merged = {}
+    for path in [out_dir / "losses.csv", *loss_parts]:
+        if path.exists():
+            lines = path.read_text().splitlines()[1:]
+            newer = {}
+            for line in lines:
+                newer.setdefault(line.split(",", 1)[0], []).append(line)
+            merged.update(newer)  # a LoRA's rows come from the newest file that has it
+    atomic_write_text(out_dir / "losses.csv", "\n".join(["lora,image_id,step,loss"] + [line for lora in sorted(merged)
+                                                                                      for line in merged[lora]]) + "\n")
+    for path in index_parts + loss_parts:
+        path.unlink()
 
 
 def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir, device: torch.device) -> TrainData:
@@ -314,8 +370,10 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
             tensors[f"{name}.B"] = layer.lora_B[:len(heads)].detach().cpu() * scale
         save_safetensors(out_dir / f"{safe_name(stem)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
         index_rows += [(head, stem, cls, _final(losses.get(head, []))) for head in heads]
-    _append_index(out_dir / "index.csv", index_rows, job.method, fit_config.steps, model_label(fit_config.base_model))
-    _append_losses(out_dir / "losses.csv", job.units[0] if job.method != "loft" else None, losses)
+    part = "" if distributed.world_size() == 1 else f".part-{distributed.rank()}"
+    _append_index(out_dir / f"index{part}.csv", index_rows, job.method, fit_config.steps,
+                  model_label(fit_config.base_model))
+    _append_losses(out_dir / f"losses{part}.csv", job.units[0] if job.method != "loft" else None, losses)
 
 
 def _final(values: list[float]) -> float:
@@ -329,14 +387,15 @@ def _append_index(path: Path, rows, method: str, steps: int, base_model: str) ->
         with open(path, newline="") as handle:
             existing = [row for row in csv.DictReader(handle)]
     new_loras = {row[1] for row in rows}
+    _write_index(path, [[row[column] for column in INDEX_COLUMNS] for row in existing if row["lora"] not in new_loras]
+                 + [[image_id, lora, cls, method, steps, f"{loss:.6g}", base_model] for image_id, lora, cls, loss in rows])
+
+
+def _write_index(path: Path, rows: list[list]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(INDEX_COLUMNS)
-    for row in existing:
-        if row["lora"] not in new_loras:
-            writer.writerow([row[column] for column in INDEX_COLUMNS])
-    for image_id, lora, cls, loss in rows:
-        writer.writerow([image_id, lora, cls, method, steps, f"{loss:.6g}", base_model])
+    writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -379,12 +438,12 @@ def export_mix(chimera_file: Path, weights: dict[str, float], out_path: Path) ->
 class _Progress:
     """A rich progress bar over adapter-steps, showing LoRAs done, adapter-steps/s and the ETA."""
 
-    def __init__(self, console: Console, jobs: list[Job], steps: int, method: str):
+    def __init__(self, console: Console, jobs: list[Job], steps: int, method: str, show: bool = True):
         self.units_total = sum(len(job.units) for job in jobs)
         self.progress = Progress(TextColumn(f"fit {method}"), BarColumn(),
                                  TextColumn("{task.fields[done]}/{task.fields[units]} LoRAs"),
                                  TextColumn("{task.fields[rate]} adapter-steps/s"), TimeRemainingColumn(),
-                                 console=console)
+                                 console=console, disable=not show)
         self.steps = steps
         self.task = self.progress.add_task("fit", total=self.units_total * steps, done=0, units=self.units_total,
                                            rate="-")

@@ -33,7 +33,9 @@ def timed_stage(name_of, worked=lambda result: True):
         def timed(config: Config, *args, **kwargs):
             start = time.monotonic()
             result = stage(config, *args, **kwargs)
-            if worked(result):
+            from . import distributed
+
+            if worked(result) and distributed.is_main():  # one record for all processes of a run
                 RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start,
                                                   _device_name(config.device))
             return result
