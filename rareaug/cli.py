@@ -32,7 +32,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for every r
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Folder of images, a dataset root, or a CSV file.")]
 LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="folder, mt, mvtec, nih-cxr14, csv (default: detected).")]
-RareOpt = Annotated[Optional[str], typer.Option("--rare", help="The rare class (case-insensitive), e.g. crack or Pneumothorax.")]
+RareOpt = Annotated[Optional[str], typer.Option("--rare", help="The rare class (case-insensitive), e.g. crack or Pneumothorax; fit takes a,b,c: one run per class, RUN/<class>.")]
 NegativesOpt = Annotated[Optional[str], typer.Option("--negatives", help="normal (default): the normal class only; all-other: every non-rare image.")]
 MaxRareOpt = Annotated[Optional[int], typer.Option("--max-rare", help="Keep N rare images for train/val; the rest go to test.")]
 MaxPerClassOpt = Annotated[Optional[int], typer.Option("--max-per-class", help="Subsample every negative class to N images (seeded).")]
@@ -163,13 +163,15 @@ def fit(
         fit__base_model=base_model, fit__steps=steps, fit__rank=rank, fit__lr=lr, fit__batch_size=batch_size,
         fit__gradient_checkpointing=gradient_checkpointing, fit__text_encoder_lora=text_encoder_lora,
     )
-    run_fit(cfg, given, force=force, console=console)
+    for one_class in cfg.per_rare_class():
+        run_fit(one_class, given, force=force, console=console)
 
 
 @app.command()
 @user_errors
 def generate(
     run: RunOpt = None,
+    rare: Annotated[Optional[str], typer.Option("--rare", help="The run's rare class; a,b,c: each class's run under --run (RUN/<class>).")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="Kept synthetic images the pool must hold.")] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="R x (real rare train images) kept synthetic images.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="loft (default), datadream, chimera, classprompt (no LoRA) or classic (albumentations copies).")] = None,
@@ -195,19 +197,21 @@ def generate(
     from .generate.stage import generate as run_generate
 
     cfg, given = make_config(
-        config, run=run, seed=seed, device=device, generate__n=n, generate__ratio=ratio, generate__method=method,
+        config, run=run, seed=seed, device=device, data__rare=rare, generate__n=n, generate__ratio=ratio, generate__method=method,
         generate__lam=lam, generate__beta_alpha=beta_alpha, generate__k=k, generate__dirichlet_alpha=dirichlet_alpha,
         generate__guidance=guidance, generate__steps=steps, generate__scheduler=scheduler,
         generate__batch_size=batch_size, generate__fold=fold, generate__base_model=base_model, generate__guard=guard,
         generate__guard_threshold=guard_threshold, generate__guard_distance=guard_distance,
     )
-    run_generate(cfg, given, force=force, console=console)
+    for one_class in cfg.per_rare_class():
+        run_generate(one_class, given, force=force, console=console)
 
 
 @app.command("sweep-ratio")
 @user_errors
 def sweep_ratio(
     run: RunOpt = None,
+    rare: Annotated[Optional[str], typer.Option("--rare", help="The run's rare class; a,b,c: each class's run under --run (RUN/<class>), their cells on the same executor.")] = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="Synthetic-to-real ratios (default 0,0.5,1,2,4,10,20).")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Synthetic sources, e.g. loft,classic,classprompt (default loft).")] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="resnet18 (default), resnet50, clip; repeat or comma-separate.")] = None,
@@ -222,7 +226,10 @@ def sweep_ratio(
     pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="train (default): negatives/positives of each cell's training set; real: of the real data.")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="binary (default): rare vs rest; multiclass: every class, metrics for the rare one.")] = None,
     folds: FoldsOpt = None,
-    executor: Annotated[Optional[str], typer.Option("--executor", help="local (default).")] = None,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="local (default): cells one after another here; ray: every cell a Ray task (pip install 'rareaug[ray]').")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="ray: auto or host:port joins a running cluster (default: start a local one).")] = None,
+    gpus_per_cell: Annotated[Optional[float], typer.Option("--gpus-per-cell", help="ray: GPUs per cell; 0.5 puts two cells on a GPU (default 0).")] = None,
+    cpus_per_cell: Annotated[Optional[float], typer.Option("--cpus-per-cell", help="ray: CPUs (and torch threads) per cell (default 1).")] = None,
     generate_steps: Annotated[Optional[int], typer.Option("--generate-steps", help="Sampling steps for pools made on demand.")] = None,
     guard_threshold: Annotated[Optional[float], typer.Option("--guard-threshold", help="Guard threshold for pools made on demand (default: calibrated).")] = None,
     config: ConfigOpt = None,
@@ -230,16 +237,17 @@ def sweep_ratio(
     device: DeviceOpt = None,
 ) -> None:
     """Train classifiers at synthetic-to-real ratios over seeds and folds; metrics with intervals; a recommended ratio."""
-    from .sweep.stage import sweep
+    from .sweep.stage import sweep_classes
 
     cfg, given = make_config(
-        config, run=run, seed=seed, device=device, split__folds=folds, sweep__ratios=ratios, sweep__methods=methods,
+        config, run=run, seed=seed, device=device, data__rare=rare, split__folds=folds, sweep__ratios=ratios, sweep__methods=methods,
         sweep__models=",".join(model) if model else None, sweep__seeds=seeds, sweep__steps=steps,
         sweep__batch_size=batch_size, sweep__input_size=input_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
         sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
+        sweep__ray_address=ray_address, sweep__gpus_per_cell=gpus_per_cell, sweep__cpus_per_cell=cpus_per_cell,
         sweep__generate_steps=generate_steps, generate__guard_threshold=guard_threshold,
     )
-    sweep(cfg, given, console=console)
+    sweep_classes(cfg.per_rare_class(), given, console=console)
 
 
 @app.command("export-mix")

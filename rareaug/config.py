@@ -134,7 +134,10 @@ class SweepConfig:
     target_sensitivity: float | None = None
     eval_every: int | None = None  # validation-loss checks; default steps // 10
     bootstrap: int = 1000
-    executor: str = "local"
+    executor: str = "local"  # local: one cell after another in this process; ray: every cell a Ray task
+    ray_address: str | None = None  # None: start a local Ray instance; "auto" or host:port: join a cluster
+    gpus_per_cell: float = 0.0  # Ray resources per cell (fractions share a GPU)
+    cpus_per_cell: float = 1.0
     generate_steps: int | None = None  # sampling steps for pools made on demand (default: generate's)
 
 
@@ -170,7 +173,23 @@ class Config:
             return Path(self.run)
         if not self.data.rare:
             raise RareaugError("no run directory: pass --run RUN_DIR (or --rare NAME for the default runs/<rare>)")
-        return Path("runs") / self.data.rare.lower().replace(" ", "_")
+        return Path("runs") / run_folder_name(self.data.rare)
+
+    def per_rare_class(self) -> list[Config]:
+        """`--rare a,b,c`: one config per class, each in its own run RUN_DIR/<class> (runs/<class> without --run)."""
+        names = [name.strip() for name in (self.data.rare or "").split(",") if name.strip()]
+        if len(names) <= 1:
+            return [self]
+        folders = [run_folder_name(name) for name in names]
+        if len(set(folders)) < len(folders):
+            raise RareaugError(f"--rare {self.data.rare}: a class is named twice")
+        parent = Path(self.run) if self.run else Path("runs")
+        return [dataclasses.replace(self, run=str(parent / folder), data=dataclasses.replace(self.data, rare=name))
+                for name, folder in zip(names, folders)]
+
+
+def run_folder_name(rare: str) -> str:
+    return rare.lower().replace(" ", "_").replace("/", "_")
 
 
 def list_recipes() -> list[str]:
@@ -308,8 +327,11 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--task {sweep.task!r} is unknown; use binary or multiclass")
     if sweep.pos_weight not in ("train", "real"):
         raise RareaugError(f"--pos-weight {sweep.pos_weight!r} is unknown; use train or real")
-    if sweep.executor != "local":
-        raise RareaugError(f"--executor {sweep.executor!r} is not available; use local")
+    if sweep.executor not in ("local", "ray"):
+        raise RareaugError(f"--executor {sweep.executor!r} is unknown; use local or ray")
+    if sweep.gpus_per_cell < 0 or sweep.cpus_per_cell <= 0:
+        raise RareaugError(f"--gpus-per-cell must be 0 or more and --cpus-per-cell more than 0, got "
+                           f"{sweep.gpus_per_cell:g} and {sweep.cpus_per_cell:g}")
     if sweep.threshold_rule not in ("max_f1", "sensitivity") or (
             sweep.threshold_rule == "sensitivity" and not sweep.target_sensitivity):
         raise RareaugError("threshold rule: max_f1, or sensitivity with target_sensitivity in (0, 1]")

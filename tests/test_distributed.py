@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 FAST = ("--base-model", "tiny", "--resolution", "64", "--steps", "4")
@@ -28,7 +31,7 @@ def rows(path):
         return list(csv.DictReader(handle))
 
 
-def test_two_process_fit_and_generate_equal_one_process(invoke, folder_data, tmp_path):
+def test_two_process_fit_equals_one_process(invoke, folder_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process runs (OMP_NUM_THREADS=1): the same float sums
@@ -64,3 +67,50 @@ def test_two_process_fit_and_generate_equal_one_process(invoke, folder_data, tmp
     # A rerun on 2 processes finds everything trained.
     again = launch("fit", "--data", folder_data, "--rare", "crack", "--run", two, *FAST, "--batch-size", "2")
     assert again.returncode == 0 and "already trained" in again.stdout + again.stderr
+
+
+def test_generate_on_two_processes_makes_the_same_pool(invoke, folder_data, tmp_path):
+    one = tmp_path / "one"
+    code, _, err = invoke("fit", "--data", folder_data, "--rare", "crack", "--run", one, *FAST)
+    assert code == 0, err
+    two = shutil.copytree(one, tmp_path / "two")  # the same LoRAs: only the number of processes differs
+    args = ("generate", "--n", "7", "--steps", "2", "--batch-size", "2", "--guard-threshold", "0.01")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = invoke(*args, "--run", one)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    result = launch(*args, "--run", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 processes)" in result.stdout + result.stderr
+
+    pool_one, pool_two = next((one / "synthetic").iterdir()), next((two / "synthetic").iterdir())
+    same = ("pool_index", "file", "kept", "loras", "weights", "seed", "attempt")
+    manifest_one, manifest_two = rows(pool_one / "manifest.csv"), rows(pool_two / "manifest.csv")
+    assert [{k: r.get(k) for k in same} for r in manifest_one] == [{k: r.get(k) for k in same} for r in manifest_two]
+    assert len([r for r in manifest_two if r["kept"] == "1"]) == 7 and not list(pool_two.glob("manifest.part-*"))
+    for row in manifest_one:
+        a = np.asarray(Image.open(pool_one / row["file"]), dtype=int)
+        b = np.asarray(Image.open(pool_two / row["file"]), dtype=int)
+        assert np.abs(a - b).max() <= 2  # 8-bit rounding of float sums taken in another batch order
+
+
+def test_rounds_make_the_pool_a_single_process_would_whatever_the_sharing():
+    """A slot's outcome depends on the slot alone; rounds over any sharing end with the same kept prefix."""
+    from rareaug.generate.stage import slots_to_make
+
+    rejected = {1, 4, 5, 9, 10, 11, 17}
+    target = 12
+    sequential, slot = [], 0  # one process: slots in order until `target` are kept
+    while sum(s not in rejected for s in sequential) < target:
+        sequential.append(slot)
+        slot += 1
+    for processes in (1, 2, 3, 5):
+        made: dict[int, dict] = {}
+        while missing := slots_to_make(list(made.values()), target):
+            for share in range(processes):  # each process makes its round-robin share
+                for s in missing[share::processes]:
+                    made[s] = {"pool_index": str(s), "kept": "0" if s in rejected else "1"}
+        assert sorted(made) == sequential

@@ -66,8 +66,12 @@ class Manifest:
         return rows
 
 
+def is_kept(row: dict) -> bool:
+    return row["kept"] in ("1", 1, True, "True", "true")
+
+
 def kept_rows(rows: list[dict]) -> list[dict]:
-    return [row for row in rows if row["kept"] in ("1", 1, True, "True", "true")]
+    return [row for row in rows if is_kept(row)]
 
 
 def _read(path: Path) -> list[dict]:

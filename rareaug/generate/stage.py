@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import __version__
+from .. import __version__, distributed
 from ..config import Config, FitConfig
 from ..errors import RareaugError
 from ..fit import finished_units, model_label, resolve_device, safe_name
@@ -29,7 +29,7 @@ from ..split import SplitRow
 from . import plans
 from .classic import classic_copy
 from .guard import Guard
-from .manifest import Manifest, image_file, kept_rows, save_png
+from .manifest import Manifest, image_file, is_kept, kept_rows, save_png
 from .sampler import BankSampler, SampleRequest
 
 LORA_METHODS = ("loft", "datadream", "chimera")
@@ -95,8 +95,12 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
              console: Console | None = None) -> GenerateResult:
     console = console or Console(stderr=True)
     gen = config.generate
-    # 1. The split, the source images, the variant and its stage config.
-    rows, config, _ = frozen_split(config, given)
+    # 1. The split, the source images, the variant and its stage config. Under `accelerate launch` /
+    #    `torchrun` every process makes its share of the slots (see distributed.py); rank 0 goes first
+    #    wherever the run's shared files are written.
+    distributed.setup(config.device)
+    with distributed.main_first():
+        rows, config, _ = frozen_split(config, given)
     sources = source_rows(rows, config.split.folds, gen.fold)
     if len(sources) < 2 and gen.method in ("loft", "chimera"):
         raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")
@@ -106,101 +110,130 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     fit_stage = _fit_stage(run, gen.method)
     config = _with_fit_settings(config, fit_stage)
     recorded = dataclasses.replace(config, generate=dataclasses.replace(gen, n=None, ratio=None, batch_size=None))
-    start_over = run.check_stage_config("generate", variant, recorded, force=force)
     folder = run.path / "synthetic" / variant
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(folder)
+    manifest = Manifest(folder, worker=distributed.rank())
+    with distributed.main_first():
+        if run.check_stage_config("generate", variant, recorded, force=force) and distributed.is_main():
+            _clear_pool(folder)  # --force with a new config: images of the old one must not mix in
+        folder.mkdir(parents=True, exist_ok=True)
 
-    # 2. What is there already: a pool that holds enough kept images is reused as it is. Slots missing
-    #    below the last recorded one (a run stopped while they waited for a retry) are filled first, so
-    #    the pool's first images never depend on its history.
-    if start_over:
-        _clear_pool(folder)  # --force with a new config: images of the old one must not mix in
+    # 2. What is there already: a pool whose first slots hold enough kept images is reused as it is.
+    #    Missing slots among them (a run stopped while they waited for a retry) are made like new ones,
+    #    so the pool's first images never depend on its history.
     done = manifest.rows()
-    kept = len(kept_rows(done))
-    done_slots = {int(row["pool_index"]) for row in done}
-    gaps = [slot for slot in range(max(done_slots, default=-1) + 1) if slot not in done_slots]
-    if kept >= target and not gaps:
-        manifest.merge()
-        console.print(f"generate {variant}: the pool already holds {kept} kept image(s) (asked {target}) in {folder}")
-        return GenerateResult(variant, folder, kept, _rejected(done), 0, 0, None)
+    if not slots_to_make(done, target):
+        distributed.barrier()  # everyone has looked before rank 0 merges the shards
+        if distributed.is_main():
+            manifest.merge()
+            console.print(f"generate {variant}: the pool already holds {len(kept_rows(done))} kept image(s) "
+                          f"(asked {target}) in {folder}")
+        return GenerateResult(variant, folder, len(kept_rows(done)), _rejected(done), 0, 0, None)
 
     # 3. The model, the bank with this variant's LoRAs, the fusion plan, the guard.
-    device = resolve_device(config.device)
+    device = resolve_device(distributed.local_device(config.device))
     maker = _ImageMaker(config, run, sources, variant, device, console)
     guard = Guard(maker.reals, [row.id for row in sources], gen.guard_distance, gen.guard_threshold, device)
-    run.write_stage_config("generate", variant, recorded)
+    distributed.barrier()
+    if distributed.is_main():
+        run.write_stage_config("generate", variant, recorded)
 
-    # 4. Fill the pool: gaps and rejected attempts first, then new slots in order.
-    done_slots |= set(gaps)
-    next_slot = 0
-    retry: collections.deque = collections.deque((slot, 0) for slot in gaps)
-    pending = len(gaps)  # slots scheduled whose outcome is not yet known
-    made = rejected_attempts = rejected_in_a_row = 0
+    # 4. Fill the pool in rounds. A slot's outcome (kept, or rejected after max_attempts) depends only on
+    #    (seed, slot, attempt), so the pool is the first `target` kept slots in slot order however the
+    #    slots are shared out: each round makes the slots still missing from the shortest prefix that could
+    #    hold `target` kept images, each process its share, until no slot is missing.
     batch_size = gen.batch_size or _default_batch_size(device, maker.resolution)
     progress = Progress(TextColumn(f"generate {variant}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn(), console=console)
-    task = progress.add_task("generate", total=target, completed=kept, rate="-")
+                        TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn(), console=console,
+                        disable=not distributed.is_main())
+    filler = _PoolFiller(maker, guard, manifest, folder, gen, batch_size, progress)
     started = time.perf_counter()
     with progress:
-        while kept < target or retry:
-            batch = []
-            while retry and len(batch) < batch_size:
-                batch.append(retry.popleft())
-            while len(batch) < batch_size and kept + pending < target:
-                while next_slot in done_slots:
-                    next_slot += 1
-                batch.append((next_slot, 0))
-                next_slot, pending = next_slot + 1, pending + 1
-            if not batch:
-                break
+        filler.task = progress.add_task("generate", total=target, completed=len(kept_rows(done)), rate="-")
+        while missing := slots_to_make(done, target):
+            filler.fill(distributed.shard(missing))
+            distributed.barrier()
+            done = manifest.rows()
+    seconds = time.perf_counter() - started
+
+    # 5. Rank 0 merges the shards and summarises.
+    made, rejected_attempts = (sum(values) for values in zip(*distributed.gather((filler.made, filler.rejected_attempts))))
+    rows_now = manifest.rows()
+    result = GenerateResult(variant, folder, len(kept_rows(rows_now)), _rejected(rows_now), rejected_attempts, made,
+                            made / seconds if seconds > 0 else None)
+    if distributed.is_main():
+        manifest.merge()
+        atomic_write_json(folder / "summary.json", {
+            "variant": variant, "method": gen.method, "kept": result.kept, "rejected_slots": result.rejected_slots,
+            "rejected_attempts_this_run": rejected_attempts, "guard": gen.guard, "guard_distance": gen.guard_distance,
+            "guard_threshold": guard.threshold, "real_images": len(sources), "base_model": maker.base_name,
+            "tiny_test_model": maker.is_tiny, "rareaug_version": __version__,
+        })
+        console.print(f"generate {variant}: made {made}, kept {result.kept} in the pool, {result.rejected_slots} "
+                      f"slot(s) rejected, {rejected_attempts} attempt(s) retried or rejected by the guard "
+                      f"(threshold {guard.threshold:.4f}) -> {folder}"
+                      + (f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else "")
+                      + (" [tiny test model: not a real model]" if maker.is_tiny else ""))
+    distributed.barrier()
+    return result
+
+
+def slots_to_make(rows: list[dict], target: int) -> list[int]:
+    """The slots missing from the shortest prefix of the pool that holds `target` kept images once every
+    missing slot in it is kept; empty when the pool already holds them."""
+    kept_at = {int(row["pool_index"]): is_kept(row) for row in rows}
+    missing, kept, slot = [], 0, 0
+    while kept + len(missing) < target:
+        if slot in kept_at:
+            kept += kept_at[slot]
+        else:
+            missing.append(slot)
+        slot += 1
+    return missing
+
+
+class _PoolFiller:
+    """Makes given slots, each until it is kept or has used its attempts; writes this process's shard."""
+
+    def __init__(self, maker, guard: Guard, manifest: Manifest, folder: Path, gen, batch_size: int, progress):
+        self.maker, self.guard, self.manifest, self.folder, self.gen = maker, guard, manifest, folder, gen
+        self.batch_size, self.progress, self.task = batch_size, progress, None
+        self.made = self.rejected_attempts = self.rejected_in_a_row = 0
+        self.started = time.perf_counter()
+
+    def fill(self, slots: list[int]) -> None:
+        gen, guard, maker = self.gen, self.guard, self.maker
+        queue = collections.deque((slot, 0) for slot in slots)
+        while queue:
+            batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             images = maker.render(batch)
             nearest_ids, distances = guard.nearest(images)
             new_rows = []
             for (slot, attempt), image, near, distance in zip(batch, images, nearest_ids, distances):
                 copy_like = gen.guard and gen.method != "classic" and distance < guard.threshold
                 if copy_like and attempt + 1 < gen.max_attempts:
-                    retry.append((slot, attempt + 1))
-                    rejected_attempts += 1
+                    queue.appendleft((slot, attempt + 1))  # retried in the next batch, before new slots
+                    self.rejected_attempts += 1
                     continue
-                pending -= 1
                 if copy_like:
-                    rejected_attempts += 1
-                    rejected_in_a_row += 1
+                    self.rejected_attempts += 1
+                    self.rejected_in_a_row += 1
                     new_rows.append(maker.row(slot, attempt, near, distance, kept=False,
                                               reason=f"memorization: within {guard.threshold:.4f} of a real image "
                                                      f"in all {gen.max_attempts} attempts"))
                     continue
-                save_png(folder / image_file(slot), image, maker.grayscale, variant, slot)
+                save_png(self.folder / image_file(slot), image, maker.grayscale, maker.variant, slot)
                 new_rows.append(maker.row(slot, attempt, near, distance, kept=True, reason=""))
-                kept += 1
-                made += 1
-                rejected_in_a_row = 0
-            manifest.add(new_rows)
-            if rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
+                self.made += 1
+                self.rejected_in_a_row = 0
+            self.manifest.add(new_rows)
+            if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
                 raise RareaugError(
-                    f"{rejected_in_a_row} pool slots in a row were rejected as near-copies of real images (guard "
-                    f"threshold {guard.threshold:.4f}, calibrated on the real images); see {folder}/manifest.part-0.csv. "
-                    "If they are not copies, set --guard-threshold lower; --no-guard turns the guard off")
-            rate = made / (time.perf_counter() - started)
-            progress.update(task, completed=kept, rate=f"{rate:.2f}")
-    seconds = time.perf_counter() - started
-
-    # 5. Merge the shards and summarise.
-    rows_now = manifest.merge()
-    result = GenerateResult(variant, folder, len(kept_rows(rows_now)), _rejected(rows_now), rejected_attempts, made,
-                            made / seconds if seconds > 0 else None)
-    atomic_write_json(folder / "summary.json", {
-        "variant": variant, "method": gen.method, "kept": result.kept, "rejected_slots": result.rejected_slots,
-        "rejected_attempts_this_run": rejected_attempts, "guard": gen.guard, "guard_distance": gen.guard_distance,
-        "guard_threshold": guard.threshold, "real_images": len(sources), "base_model": maker.base_name,
-        "tiny_test_model": maker.is_tiny, "rareaug_version": __version__,
-    })
-    console.print(f"generate {variant}: made {made}, kept {result.kept} in the pool, {result.rejected_slots} slot(s) "
-                  f"rejected, {rejected_attempts} attempt(s) retried or rejected by the guard "
-                  f"(threshold {guard.threshold:.4f}) -> {folder}"
-                  + (" [tiny test model: not a real model]" if maker.is_tiny else ""))
-    return result
+                    f"{self.rejected_in_a_row} pool slots in a row were rejected as near-copies of real images "
+                    f"(guard threshold {guard.threshold:.4f}, calibrated on the real images); see "
+                    f"{self.manifest.shard}. If they are not copies, set --guard-threshold lower; --no-guard turns "
+                    "the guard off")
+            rate = self.made / (time.perf_counter() - self.started)
+            self.progress.update(self.task, advance=sum(1 for row in new_rows if row["kept"]), rate=f"{rate:.2f}")
 
 
 def _clear_pool(folder: Path) -> None:
@@ -210,7 +243,7 @@ def _clear_pool(folder: Path) -> None:
 
 
 def _rejected(rows: list[dict]) -> int:
-    return sum(1 for row in rows if row["kept"] not in ("1", "True", "true"))
+    return sum(1 for row in rows if not is_kept(row))
 
 
 def _fit_stage(run: RunDir, method: str) -> dict | None:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
+import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import __version__
@@ -43,6 +46,7 @@ METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_ra
                   "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
 
 BASELINE = "none"
+EXECUTION = ("executor", "ray_address", "gpus_per_cell", "cpus_per_cell")  # where cells run, not what they compute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +64,48 @@ class Cell:
         return f"{self.method}-r{self.ratio:g}-{self.model}-s{self.seed}-f{self.fold}{suffix}"
 
 
+@dataclasses.dataclass
+class SweepPlan:
+    """One run's grid, ready to execute: finished cells' results, and the cells still to run."""
+
+    config: Config
+    rows: list[SplitRow]
+    pools: dict
+    out: Path
+    n_cells: int
+    results: list[dict]
+    todo: list  # (cell, config hash, make_data) for the cells without a valid done marker
+    failed: list[str] = dataclasses.field(default_factory=list)
+
+
 @timed_stage(lambda config: "sweep-ratio")
 def sweep(config: Config, given: set[str] = frozenset(), console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
+    plan = plan_sweep(config, given, console)
+    execute([plan], console)
+    return finish_sweep(plan, console)
+
+
+def sweep_classes(configs: list[Config], given: set[str] = frozenset(), console: Console | None = None) -> list[dict]:
+    """Several rare classes, each in its own run: with --executor ray all their cells share the cluster at
+    once; locally they run one class after another."""
+    console = console or Console(stderr=True)
+    if configs[0].sweep.executor != "ray":
+        return [sweep(config, given, console) for config in configs]
+    started = time.monotonic()
+    plans = [plan_sweep(config, given, console) for config in configs]
+    execute(plans, console)
+    summaries = [finish_sweep(plan, console, raise_failed=False) for plan in plans]
+    for plan in plans:  # the classes ran side by side: each run records the shared wall time
+        RunDir(plan.config.run_dir()).add_time("sweep-ratio", time.monotonic() - started, "ray")
+    failed = [f"{plan.config.data.rare}: {name}" for plan in plans for name in plan.failed]
+    if failed:
+        raise RareaugError(f"{len(failed)} cell(s) failed ({', '.join(failed[:3])}{'...' if len(failed) > 3 else ''}); "
+                           "the others are saved: rerun the same command to retry the failed ones")
+    return summaries
+
+
+def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
     sw = config.sweep
     # 1. Check the grid before anything runs.
     ratios = parse_ratios(sw.ratios)
@@ -88,7 +131,6 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(exist_ok=True)
     run.write_stage_config("sweep", None, config)
-    device = resolve_device(config.device)
 
     # 2. Synthetic pools, made on demand for the largest ratio once (smaller ratios take its first images).
     pools = {}
@@ -106,44 +148,66 @@ def sweep(config: Config, given: set[str] = frozenset(), console: Console | None
                     cells.append(Cell(BASELINE, model, 0.0, seed, fold, sw.task))
                 cells += [Cell(method, model, r, seed, fold, sw.task) for method in methods for r in ratios if r > 0]
 
-    # 4. Run them; each is skipped when its result exists under the same config hash.
+    # 4. Each cell is skipped when its result exists under the same config hash.
     split_hash = hashlib.sha256(run.split_csv.read_bytes()).hexdigest()[:16]
-    caches: dict[int, ImageCache] = {}
-    results, failed = [], []
+    results, todo = [], []
+    for cell in cells:
+        synthetic = _prefix(pools, cell, rows, folds)
+        key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic])
+        marker = out / "cells" / f"{cell.name}.json"
+        if marker.exists() and json.loads(marker.read_text()).get("hash") == key:
+            results.append(json.loads(marker.read_text())["row"])
+        else:
+            todo.append((cell, key, functools.partial(cell_data, rows, folds, cell.fold, synthetic)))
+    return SweepPlan(config, rows, pools, out, len(cells), results, todo)
+
+
+def execute(plans: list[SweepPlan], console: Console) -> None:
+    """Run every plan's pending cells. A result is saved the moment it arrives, so a stopped sweep resumes
+    where it was, whichever executor ran it."""
     progress = Progress(TextColumn("sweep-ratio"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[cell]}"),
                         TimeRemainingColumn(), console=console)
     with progress:
-        task = progress.add_task("cells", total=len(cells), cell="")
-        for cell in cells:
-            progress.update(task, cell=cell.name)
-            synthetic = _prefix(pools, cell, rows, folds)
-            data = cell_data(rows, folds, cell.fold, synthetic)
-            key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic])
-            marker = out / "cells" / f"{cell.name}.json"
-            if marker.exists() and json.loads(marker.read_text()).get("hash") == key:
-                results.append(json.loads(marker.read_text())["row"])
-                progress.advance(task)
-                continue
-            try:
-                row = run_cell(cell, data, config, caches, device, out)
-            except Exception as error:  # one failing cell must not lose the others
-                failed.append(cell.name)
-                console.print(f"[red]cell {cell.name} failed:[/] {type(error).__name__}: {error}")
-                console.print(traceback.format_exc(limit=3), markup=False, highlight=False)
-                progress.advance(task)
-                continue
-            atomic_write_json(marker, {"hash": key, "row": row})
-            results.append(row)
-            progress.advance(task)
+        task = progress.add_task("cells", total=sum(plan.n_cells for plan in plans),
+                                 completed=sum(len(plan.results) for plan in plans), cell="")
 
-    # 5. Diversity per synthetic set, metrics.csv, the recommendation.
-    _add_diversity(results, pools, rows, config)
+        def finished(plan: SweepPlan, cell: Cell, key: str, row: dict | None, error: str | None) -> None:
+            if row is None:
+                plan.failed.append(cell.name)
+                console.print(f"[red]cell {cell.name} failed:[/] {escape(error)}", highlight=False)
+            else:
+                atomic_write_json(plan.out / "cells" / f"{cell.name}.json", {"hash": key, "row": row})
+                plan.results.append(row)
+            progress.update(task, advance=1, cell=cell.name)
+
+        if plans[0].config.sweep.executor == "ray":
+            from .ray_executor import run_cells_on_ray
+
+            run_cells_on_ray(plans, finished)
+            return
+        for plan in plans:
+            device = resolve_device(plan.config.device)
+            caches: dict[int, ImageCache] = {}
+            for cell, key, data in plan.todo:
+                progress.update(task, cell=cell.name)
+                try:
+                    row = run_cell(cell, data(), plan.config, caches, device, plan.out)
+                except Exception as error:  # one failing cell must not lose the others
+                    finished(plan, cell, key, None, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+                    continue
+                finished(plan, cell, key, row, None)
+
+
+def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -> dict:
+    """Diversity per synthetic set, metrics.csv, the recommendation."""
+    config, out, results, failed = plan.config, plan.out, plan.results, plan.failed
+    _add_diversity(results, plan.pools, plan.rows, config)
     _write_metrics(out / "metrics.csv", results)
-    summary = summarise(results, out, config, failed, {row.id: row.group for row in rows if row.group})
+    summary = summarise(results, out, config, failed, {row.id: row.group for row in plan.rows if row.group})
     atomic_write_json(out / "summary.json", _strict_json(summary))
     atomic_write_text(out / "summary.md", summary_markdown(summary))
     console.print(f"sweep-ratio: {len(results)} cell(s) in {out}/metrics.csv; summary in {out}/summary.md")
-    if failed:
+    if failed and raise_failed:
         raise RareaugError(f"{len(failed)} cell(s) failed ({', '.join(failed[:3])}{'...' if len(failed) > 3 else ''}); "
                            "the others are saved: rerun the same command to retry the failed ones")
     return summary
@@ -182,7 +246,7 @@ def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example
 
 def _cell_hash(cell: Cell, config: Config, split_hash: str, synthetic_ids: list[str]) -> str:
     sw = dataclasses.asdict(config.sweep)
-    for key in ("ratios", "methods", "models", "seeds", "executor", "generate_steps"):
+    for key in ("ratios", "methods", "models", "seeds", "generate_steps", *EXECUTION):
         sw.pop(key)
     recipe = config.recipe
     payload = json.dumps({"cell": cell.name, "sweep": sw, "seed": config.seed, "split": split_hash,
