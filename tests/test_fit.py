@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 import rareaug.fit as fit_module
-from rareaug.config import build_config
 from rareaug.lora.bank import LoRABank
 from rareaug.lora.files import from_diffusers_state
 

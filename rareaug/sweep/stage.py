@@ -34,7 +34,7 @@ from ..run_dir import RunDir, frozen_split, timed_stage
 from ..split import SplitRow
 from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
-from .data import CellData, Example, ImageCache, cell_data, real_example
+from .data import CellData, Example, ImageCache, cell_data
 from .diversity import diversity
 from .train import class_weights, positive_weight, train_cell
 
