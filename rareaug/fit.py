@@ -126,7 +126,10 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     pending = [job for job in jobs_all if not all(unit in done for unit in job.units)]
     skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in pending for u in j.units})
     if not pending:
-        console.print(f"fit {method}: all {len(skipped)} LoRA(s) already trained in {out_dir}")
+        distributed.barrier()
+        if distributed.is_main():
+            merge_shards(out_dir)  # a multi-process fit stopped after its last LoRA, before its merge
+            console.print(f"fit {method}: all {len(skipped)} LoRA(s) already trained in {out_dir}")
         return FitResult(method, out_dir, [], skipped, None)
     jobs = distributed.shard(pending)  # every pending job on one process; LoRAs never depend on each other
 

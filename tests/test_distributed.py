@@ -114,3 +114,24 @@ def test_rounds_make_the_pool_a_single_process_would_whatever_the_sharing():
                 for s in missing[share::processes]:
                     made[s] = {"pool_index": str(s), "kept": "0" if s in rejected else "1"}
         assert sorted(made) == sequential
+
+
+def test_index_and_loss_shards_of_a_stopped_run_count_and_merge(tmp_path):
+    """A multi-process fit stopped before rank 0 merged: its shards count as done, and the next fit merges them."""
+    from rareaug.fit import INDEX_COLUMNS, finished_units, merge_shards
+
+    def index(path, ids):
+        lines = [",".join(INDEX_COLUMNS)] + [f"{i},{i},crack,loft,4,0.1,tiny" for i in ids]
+        path.write_text("\n".join(lines) + "\n")
+
+    index(tmp_path / "index.csv", ["r1"])
+    index(tmp_path / "index.part-1.csv", ["r2", "r3"])
+    (tmp_path / "losses.csv").write_text("lora,image_id,step,loss\nr1,r1,1,0.5\n")
+    (tmp_path / "losses.part-1.csv").write_text("lora,image_id,step,loss\nr2,r2,1,0.4\nr3,r3,1,0.3\n")
+    for name in ("r1", "r2", "r3"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    assert finished_units(tmp_path, 4) == {"r1", "r2", "r3"}
+    merge_shards(tmp_path)
+    assert [r["image_id"] for r in rows(tmp_path / "index.csv")] == ["r1", "r2", "r3"]
+    assert [r["lora"] for r in rows(tmp_path / "losses.csv")] == ["r1", "r2", "r3"]
+    assert not list(tmp_path.glob("*.part-*.csv"))
