@@ -75,6 +75,6 @@ def _run_cell_task(cell, data, config: Config, out: str, cwd: str) -> dict:
 
     os.chdir(cwd)
     torch.set_num_threads(max(1, int(config.sweep.cpus_per_cell)))
-    # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted: none when --gpus-per-cell is 0.
-    device = resolve_device(config.device if torch.cuda.is_available() else "cpu")
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted (none when --gpus-per-cell is 0): "cuda" is that one.
+    device = resolve_device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
     return run_cell(cell, data, config, _WORKER_CACHES, device, Path(out))
