@@ -26,6 +26,7 @@ from .split import SplitRow
 
 # lora: the file (stem) the row's weights live in — the image id for LoFT, the class (and fold) otherwise.
 INDEX_COLUMNS = ("image_id", "lora", "class", "method", "steps_done", "final_loss", "base_model")
+LOSS_COLUMNS = ("lora", "image_id", "step", "loss")
 FINAL_LOSS_WINDOW = 10  # final_loss = mean of the last steps' losses: one step's timestep is too noisy
 
 
@@ -266,14 +267,23 @@ def finished_units(out_dir: Path, steps: int) -> set[str]:
 
 
 def _index_rows(out_dir: Path) -> list[dict]:
-    """index.csv and every process's shard of it; a LoRA's latest row wins (shards are newer than the index)."""
-    by_lora: dict[tuple[str, str], dict] = {}
-    for path in [out_dir / "index.csv", *sorted(out_dir.glob("index.part-*.csv"))]:
+    """index.csv and every process's shard of it (shards are newer than the index)."""
+    paths = [out_dir / "index.csv", *sorted(out_dir.glob("index.part-*.csv"))]
+    return [row for rows in _rows_by_lora(paths).values() for row in rows]
+
+
+def _rows_by_lora(paths: list[Path]) -> dict[str, list[dict]]:
+    """Each LoRA's rows from the last of `paths` that has it: as in `_append_index`, a job run again
+    replaces all of its LoRA's rows."""
+    found: dict[str, list[dict]] = {}
+    for path in paths:
         if path.exists():
+            newer: dict[str, list[dict]] = {}
             with open(path, newline="") as handle:
                 for row in csv.DictReader(handle):
-                    by_lora[row["lora"], row["image_id"]] = row
-    return list(by_lora.values())
+                    newer.setdefault(row["lora"], []).append(row)
+            found.update(newer)
+    return found
 
 
 def merge_shards(out_dir: Path) -> None:
@@ -283,16 +293,9 @@ def merge_shards(out_dir: Path) -> None:
         return
     rows = sorted(_index_rows(out_dir), key=lambda row: (row["lora"], row["image_id"]))
     _write_index(out_dir / "index.csv", [[row[column] for column in INDEX_COLUMNS] for row in rows])
-    merged = {}
-    for path in [out_dir / "losses.csv", *loss_parts]:
-        if path.exists():
-            lines = path.read_text().splitlines()[1:]
-            newer = {}
-            for line in lines:
-                newer.setdefault(line.split(",", 1)[0], []).append(line)
-            merged.update(newer)  # a LoRA's rows come from the newest file that has it
-    atomic_write_text(out_dir / "losses.csv", "\n".join(["lora,image_id,step,loss"] + [line for lora in sorted(merged)
-                                                                                      for line in merged[lora]]) + "\n")
+    losses = _rows_by_lora([out_dir / "losses.csv", *loss_parts])
+    atomic_write_text(out_dir / "losses.csv", "\n".join([",".join(LOSS_COLUMNS)] + [
+        ",".join(row[column] for column in LOSS_COLUMNS) for lora in sorted(losses) for row in losses[lora]]) + "\n")
     for path in index_parts + loss_parts:
         path.unlink()
 
@@ -410,7 +413,7 @@ def _append_losses(path: Path, lora: str | None, losses: dict[str, list[float]])
     owners = {owner(image_id) for image_id in losses}
     kept = path.read_text().splitlines()[1:] if path.exists() else []
     kept = [line for line in kept if line.split(",", 1)[0] not in owners]
-    lines = ["lora,image_id,step,loss", *kept]
+    lines = [",".join(LOSS_COLUMNS), *kept]
     for image_id, values in losses.items():
         lines += [f"{owner(image_id)},{image_id},{step},{value:.6g}" for step, value in enumerate(values, start=1)]
     atomic_write_text(path, "\n".join(lines) + "\n")

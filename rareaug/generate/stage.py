@@ -157,8 +157,7 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
 
     # 5. Rank 0 merges the shards and summarises.
     made, rejected_attempts = (sum(values) for values in zip(*distributed.gather((filler.made, filler.rejected_attempts))))
-    rows_now = manifest.rows()
-    result = GenerateResult(variant, folder, len(kept_rows(rows_now)), _rejected(rows_now), rejected_attempts, made,
+    result = GenerateResult(variant, folder, len(kept_rows(done)), _rejected(done), rejected_attempts, made,
                             made / seconds if seconds > 0 else None)
     if distributed.is_main():
         manifest.merge()
@@ -233,7 +232,7 @@ class _PoolFiller:
                     f"{self.manifest.shard}. If they are not copies, set --guard-threshold lower; --no-guard turns "
                     "the guard off")
             rate = self.made / (time.perf_counter() - self.started)
-            self.progress.update(self.task, advance=sum(1 for row in new_rows if row["kept"]), rate=f"{rate:.2f}")
+            self.progress.update(self.task, advance=len(kept_rows(new_rows)), rate=f"{rate:.2f}")
 
 
 def _clear_pool(folder: Path) -> None:
