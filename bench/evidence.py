@@ -74,22 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
 
     # 1. Real data: the training draw and the whole test set, as class folders.
-    data = work / "data"
     shared = args.work.parent if args.work else ROOT / "runs"  # the test set is shared by every class and k
-    test = shared / ("evidence-test" if args.test_per_class is None else f"evidence-test-{args.test_per_class}")
-    counts = {name: (args.k if name == args.rare else N_OTHER) for name in CLASSES}
-    images, labels = load_fashion_mnist("train")
-    draw = seeded_subset(labels, counts, seed=0)
-    write_class_folders(data, "train", draw, images, labels)
-    expected = {f"{CLASSES[labels[i]]}/fm-train-{i:05d}.png" for i in draw.tolist()}
-    found = {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
-    if found != expected:
-        parser.error(f"{data} holds another draw ({len(found - expected)} images not in this one); use a new --work")
-    test_images, test_labels = load_fashion_mnist("test")
-    chosen = (np.arange(len(test_labels)) if args.test_per_class is None else
-              seeded_subset(test_labels, {name: args.test_per_class for name in CLASSES}, seed=0))
-    write_class_folders(test, "test", chosen, test_images, test_labels)
-    print(f"data: {sum(counts.values())} training images in {data}; {len(chosen)} test images in {test}", flush=True)
+    data, test = write_data(work, shared, args.rare, args.k, args.test_per_class, parser.error)
 
     # 2. The commands a user would run (paths relative to the repository when they are inside it: cwd is ROOT).
     run, data, test = (_relative(path) for path in (work / "run", data, test))
@@ -120,6 +106,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out_dir / (tag + '.md')}", flush=True)
 
 
+def write_data(work: Path, shared: Path, rare: str, k: int, test_per_class: int | None, fail) -> tuple[Path, Path]:
+    """The evidence split's real images as class folders: k rare + N_OTHER of each other class (a seeded draw
+    from the training set) in work/data, and the test set (all of it, or a seeded subset) under `shared`."""
+    data = work / "data"
+    test = shared / ("evidence-test" if test_per_class is None else f"evidence-test-{test_per_class}")
+    counts = {name: (k if name == rare else N_OTHER) for name in CLASSES}
+    images, labels = load_fashion_mnist("train")
+    draw = seeded_subset(labels, counts, seed=0)
+    write_class_folders(data, "train", draw, images, labels)
+    expected = {f"{CLASSES[labels[i]]}/fm-train-{i:05d}.png" for i in draw.tolist()}
+    found = {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
+    if found != expected:
+        fail(f"{data} holds another draw ({len(found - expected)} images not in this one); use a new --work")
+    test_images, test_labels = load_fashion_mnist("test")
+    chosen = (np.arange(len(test_labels)) if test_per_class is None else
+              seeded_subset(test_labels, {name: test_per_class for name in CLASSES}, seed=0))
+    write_class_folders(test, "test", chosen, test_images, test_labels)
+    print(f"data: {sum(counts.values())} training images in {data}; {len(chosen)} test images in {test}", flush=True)
+    return data, test
+
+
 def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: float, command: str, commands) -> dict:
     summary = json.loads((run / "sweep" / "summary.json").read_text())
     with open(run / "sweep" / "metrics.csv", newline="") as handle:
@@ -141,7 +148,8 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "rare": args.rare, "k": args.k, "seeds": seeds, "folds": args.folds, "ratios": ratios,
         "n_real_rare_train": int(first["n_real_rare"]), "n_val_pos": int(first["n_val_pos"]),
         "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
-        "summary": summary, "table": table, "guard": _guard(run), "minutes": minutes, "total_minutes": total,
+        "summary": summary, "table": table, "guard": _guard(run), "pools": pool_fidelity(run, args.rare, table),
+        "minutes": minutes, "total_minutes": total,
         "stage_times": read_json(run / "timings.json") or {},
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
         "device": device_label(resolve_device(args.device)), "versions": _versions(), "date": datetime.date.today().isoformat(),
@@ -162,6 +170,40 @@ def _intervals(run: Path, cells: list[dict]) -> dict:
     found = group_intervals(run / "sweep", cells, SHOWN, patient_groups(read_split(run / "split.csv")), n_boot=1000,
                             seed=0)
     return {name: {"mean": mean, "low": low, "high": high} for name, (mean, low, high) in found.items()}
+
+
+def judged_shares(labels: list[str], rare: str) -> dict:
+    """The share judged `rare`, and what the rest were called (largest first)."""
+    return {"judged_rare": sum(label == rare for label in labels) / max(1, len(labels)),
+            "judged_as": {label: labels.count(label) / len(labels)
+                          for label in sorted(set(labels), key=labels.count, reverse=True) if label != rare}}
+
+
+def pool_fidelity(run: Path, rare: str, table: dict) -> dict:
+    """Every kept image of every pool judged by the benchmark's ruler (`rareaug.models.mini.check`), next to
+    the pool's diversity at its largest ratio and the user's own estimate (the sweep's ratio-0 models)."""
+    import torch
+
+    from rareaug.images import model_input
+    from rareaug.models.mini.check import judge_images, train_judge
+
+    judge = train_judge()
+    estimates = json.loads((run / "sweep" / "summary.json").read_text()).get("pool_estimates", {})
+    found = {}
+    for pool in read_pools(run / "synthetic"):
+        if not pool.kept:
+            continue
+        images = torch.stack([model_input(pool.folder / row["file"], 32, "pad") for row in pool.kept]).add(1).div(2)
+        entry = {"images": len(pool.kept), **judged_shares(judge_images(judge, images), rare)}
+        rows = [(float(key.rsplit("|", 1)[1]), row) for key, row in table.items()
+                if key.split("|")[1] == pool.method and "diversity" in row]
+        if rows:
+            ratio, row = max(rows, key=lambda item: item[0])
+            entry.update(diversity=row["diversity"], diversity_metric=row["diversity_metric"], diversity_ratio=ratio)
+        entry["estimate"] = {model: by[pool.variant]["judged_rare"] for model, by in estimates.items()
+                             if pool.variant in by}
+        found[pool.variant] = entry
+    return found
 
 
 def _guard(run: Path) -> dict:
@@ -207,7 +249,18 @@ def markdown(e: dict) -> str:
             lines += ["", f"Recommended {recommended[(model, method)]:g}×: test F1 gain over ratio 0 "
                           f"{gain['diff']:+.3f} (95% paired bootstrap {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}."]
         lines.append("")
-    lines += ["## Memorisation guard", "", "| pool | made | rejected | threshold |", "| --- | --- | --- | --- |"]
+    lines += [f"## Do the pools show a {e['rare']}?", "",
+              f"Every kept image of each pool judged by the benchmark's ruler (`rareaug.models.mini.check`, a CNN "
+              f"trained on real images of all ten classes), next to the pool's diversity at its largest ratio and "
+              f"the estimate a user gets without that ruler (the sweep's ratio-0 models, real data only).", "",
+              f"| pool | images | judged {e['rare']} | judged as, otherwise | diversity | user's estimate |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for variant, p in e.get("pools", {}).items():
+        others = ", ".join(f"{k} {v:.0%}" for k, v in list(p["judged_as"].items())[:3]) or "—"
+        diversity = f"{p['diversity']:.3f} ({p['diversity_metric']}, {p['diversity_ratio']:g}×)" if "diversity" in p else "—"
+        estimate = ", ".join(f"{v:.0%} ({m})" for m, v in p["estimate"].items()) or "—"
+        lines.append(f"| {variant} | {p['images']} | {p['judged_rare']:.0%} | {others} | {diversity} | {estimate} |")
+    lines += ["", "## Memorisation guard", "", "| pool | made | rejected | threshold |", "| --- | --- | --- | --- |"]
     for variant, g in e["guard"].items():
         threshold = f"{g['threshold']:.3f}" if isinstance(g["threshold"], (int, float)) else "—"
         lines.append(f"| {variant} | {g['made']} | {g['rejected']} | {threshold} |")

@@ -51,6 +51,23 @@ def test_outputs_exist_with_their_columns(swept):
     assert "Ratio sweep" in (swept / "sweep" / "summary.md").read_text()
 
 
+def test_ratio_0_models_score_each_pool_for_the_users_fidelity_estimate(swept):
+    """The ratio-0 model never trains on a pool's images; it scores the first ones, and the summary gives the
+    share it calls rare at its own validation threshold."""
+    baseline = next(r for r in metrics(swept) if float(r["ratio"]) == 0)
+    with open(swept / "sweep" / "predictions" / f"{baseline['cell']}.csv", newline="") as handle:
+        pool_rows = [r for r in csv.DictReader(handle) if r["split"] == "pool"]
+    variants = {r["id"].rsplit(":", 1)[0] for r in pool_rows}
+    assert len(variants) == 2 and any(v.startswith("loft-") for v in variants) and "classic" in variants
+    estimates = json.loads((swept / "sweep" / "summary.json").read_text())["pool_estimates"]["tiny-resnet18"]
+    for variant in variants:
+        scores = [float(r["score"]) for r in pool_rows if r["id"].startswith(variant + ":")]
+        expected = sum(score >= float(baseline["threshold"]) for score in scores) / len(scores)
+        assert estimates[variant]["judged_rare"] == pytest.approx(expected)
+        assert estimates[variant]["images"] == len(scores) and estimates[variant]["cells"] == 1
+    assert "an estimate" in (swept / "sweep" / "summary.md").read_text()
+
+
 def test_ratio_0_is_one_shared_baseline_without_synthetic_images(swept):
     rows = metrics(swept)
     baseline = [r for r in rows if float(r["ratio"]) == 0]

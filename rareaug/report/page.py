@@ -50,6 +50,7 @@ def render(data: ReportData, real_images: bool = True) -> str:
         _recommendation(data),
         _curves(data),
         _images(data, real_images),
+        _fidelity(data),
         _guard(data),
         _data(data),
         _provenance(data),
@@ -193,6 +194,23 @@ def _fused(data: ReportData, pool) -> str:
                     f"{html.escape(row['file'].rsplit('.', 1)[0])}</span></div>")
     return ("<p>LoFT fusions: the two real images whose LoRAs were fused, their weights λ, and the result.</p>"
             + "".join(rows)) if rows else ""
+
+
+def _fidelity(data: ReportData) -> str:
+    """How many of each pool's images a classifier of the run's real images calls the rare class."""
+    estimates = (data.summary or {}).get("pool_estimates") or {}
+    if not estimates:
+        return ""
+    parts = [f"<h2>Do the synthetic images look like {html.escape(data.rare)}? (an estimate)</h2><p class=\"muted\">"
+             "Each pool's first images scored by the sweep's ratio-0 models, trained on the run's real images only, "
+             "at their validation thresholds (mean over seeds and folds). It is an estimate: those classifiers' own "
+             "errors on real images are in it, and an image can fool one classifier without looking right.</p>"
+             "<table><tr><th>model</th><th>pool</th><th>images scored</th><th>judged rare (estimate)</th></tr>"]
+    for model, pools in estimates.items():
+        for variant, entry in pools.items():
+            parts.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(variant)}</td><td>{entry['images']}</td>"
+                         f"<td>{entry['judged_rare']:.0%}</td></tr>")
+    return "".join(parts) + "</table>"
 
 
 def _guard(data: ReportData) -> str:

@@ -29,6 +29,9 @@ class CellData:
     train: list[Example]
     val: list[Example]
     test: list[Example]
+    # Synthetic images a ratio-0 model scores but never trains on: the user's own estimate of how many of a
+    # pool's images a classifier of their real data calls the rare class.
+    scored: list[Example] = dataclasses.field(default_factory=list)
 
     @property
     def n_real_rare(self) -> int:
@@ -53,7 +56,8 @@ def real_example(row: SplitRow, classes: list[str] | None = None) -> Example:
     return Example(row.id, int(row.rare), row.abs_path, row.abs_mask, row.group, False, target)
 
 
-def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Example]) -> CellData:
+def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Example],
+              scored: list[Example] = ()) -> CellData:
     """K = 1: train / val / test as split. K > 1: fold `fold` validates, the other folds train."""
     classes = class_names(rows)
     test = [real_example(r, classes) for r in rows if r.split == "test"]
@@ -63,7 +67,7 @@ def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Examp
     else:
         train = [real_example(r, classes) for r in rows if r.split == "train"]
         val = [real_example(r, classes) for r in rows if r.split == "val"]
-    return CellData(train + synthetic, val, test)
+    return CellData(train + synthetic, val, test, list(scored))
 
 
 class ImageCache:

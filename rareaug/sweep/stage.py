@@ -36,7 +36,7 @@ from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
 from .data import CellData, Example, ImageCache, cell_data
 from .diversity import diversity
-from .train import class_weights, positive_weight, train_cell
+from .train import class_weights, positive_weight, scores, train_cell
 
 TEST_METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
 METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_real_neg", "n_synth", "n_train",
@@ -153,12 +153,13 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
     results, todo = [], []
     for cell in cells:
         synthetic = _prefix(pools, cell, rows, folds)
-        key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic])
+        scored = _pool_samples(pools, cell)
+        key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic + scored])
         marker = out / "cells" / f"{cell.name}.json"
         if marker.exists() and json.loads(marker.read_text()).get("hash") == key:
             results.append(json.loads(marker.read_text())["row"])
         else:
-            todo.append((cell, key, functools.partial(cell_data, rows, folds, cell.fold, synthetic)))
+            todo.append((cell, key, functools.partial(cell_data, rows, folds, cell.fold, synthetic, scored)))
     return SweepPlan(config, rows, pools, out, len(cells), results, todo)
 
 
@@ -244,6 +245,16 @@ def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example
     return pools[cell.method, cell.fold][:int(round(cell.ratio * n_real))]
 
 
+POOL_SAMPLE = 100  # images of each pool a ratio-0 model scores for the pool estimate
+
+
+def _pool_samples(pools, cell: Cell) -> list[Example]:
+    """Ratio-0 cells score the first images of every pool of their fold (trained on none of them)."""
+    if cell.ratio != 0:
+        return []
+    return [e for (method, fold), pool in sorted(pools.items()) if fold == cell.fold for e in pool[:POOL_SAMPLE]]
+
+
 def _cell_hash(cell: Cell, config: Config, split_hash: str, synthetic_ids: list[str]) -> str:
     sw = dataclasses.asdict(config.sweep)
     for key in ("ratios", "methods", "models", "seeds", "generate_steps", *EXECUTION):
@@ -288,7 +299,8 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
             metrics.update(recall=float("nan"), f1=float("nan"))
     groups = [e.group or e.id for e in data.test]
     intervals = M.bootstrap_intervals(test_labels, outcome.test_scores, threshold, groups, sw.bootstrap, seed)
-    _write_predictions(out / "predictions" / f"{cell.name}.csv", data, outcome)
+    pool_scores = scores(model, data.scored, cache, device) if data.scored else []
+    _write_predictions(out / "predictions" / f"{cell.name}.csv", data, outcome, pool_scores)
     return {
         "cell": cell.name, "method": cell.method, "model": cell.model, "ratio": cell.ratio, "seed": cell.seed,
         "fold": cell.fold, "n_real_rare": data.n_real_rare, "n_synth": data.n_synth, "n_train": len(data.train),
@@ -301,11 +313,12 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
     }
 
 
-def _write_predictions(path: Path, data: CellData, outcome) -> None:
+def _write_predictions(path: Path, data: CellData, outcome, pool_scores: list[float]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "split", "label", "score"])
-    for split, examples, values in (("val", data.val, outcome.val_scores), ("test", data.test, outcome.test_scores)):
+    for split, examples, values in (("val", data.val, outcome.val_scores), ("test", data.test, outcome.test_scores),
+                                    ("pool", data.scored, pool_scores)):
         for example, score in zip(examples, values):
             writer.writerow([example.id, split, example.label, f"{score:.6g}"])
     atomic_write_text(path, buffer.getvalue())
@@ -382,7 +395,28 @@ def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
                 entry["gain_over_ratio_0"] = _gain(rows, baseline, method, best, out, sw, group_of or {})
             entry["synthetic_helps"] = bool(best != 0 and entry.get("gain_over_ratio_0", {}).get("distinguishable"))
             summary["models"][model][method] = entry
+    summary["pool_estimates"] = pool_estimates(results, out)
     return summary
+
+
+def pool_estimates(results: list[dict], out: Path) -> dict:
+    """Per model and pool: the share of the pool's first images that the ratio-0 models (real data only) call
+    the rare class at their validation thresholds, averaged over seeds and folds. An estimate of fidelity by
+    a classifier of the user's own real images, with that classifier's errors in it."""
+    shares: dict = {}
+    for row in results:
+        if row["method"] != BASELINE:
+            continue
+        by_pool: dict = {}
+        for prediction in _predictions(out, row["cell"]):
+            if prediction["split"] == "pool":
+                by_pool.setdefault(prediction["id"].rsplit(":", 1)[0], []).append(float(prediction["score"]))
+        for variant, values in by_pool.items():
+            found = shares.setdefault(row["model"], {}).setdefault(variant, {"shares": [], "images": len(values)})
+            found["shares"].append(float(np.mean(np.asarray(values) >= row["threshold"])))
+    return {model: {variant: {"judged_rare": float(np.mean(v["shares"])), "images": v["images"],
+                              "cells": len(v["shares"])} for variant, v in sorted(by.items())}
+            for model, by in shares.items()}
 
 
 def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
@@ -508,4 +542,11 @@ def summary_markdown(summary: dict) -> str:
                 lines.append(f"Recommendation: **{entry['recommended_ratio']:g}×**. Test F1 gain over ratio 0: "
                              f"{gain['diff']:+.3f} (95% interval {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}.")
             lines.append("")
+    for model, pools in summary.get("pool_estimates", {}).items():
+        lines += [f"## Pools judged by {model} trained on real images only (an estimate)", "",
+                  "Share of each pool's first images that the ratio-0 models call the rare class at their "
+                  "validation thresholds (mean over seeds and folds); their own errors are in it.", "",
+                  "| pool | images | judged rare (estimate) |", "| --- | --- | --- |"]
+        lines += [f"| {variant} | {e['images']} | {e['judged_rare']:.0%} |" for variant, e in pools.items()]
+        lines.append("")
     return "\n".join(lines) + "\n"

@@ -1,108 +1,275 @@
-"""Train `rareaug-mini` from scratch on six common Fashion-MNIST classes; write weights, model card and sample grid.
+"""Train `rareaug-mini` from scratch on Fashion-MNIST; write weights, model card and sample grid.
 
-    python -m rareaug.models.mini.train --out rareaug/models/mini/weights --recipe gpu   # an H100/H200, minutes
-    python -m rareaug.models.mini.train --out /tmp/mini --recipe cpu                     # 2 CPU cores, < 90 min
+    python -m rareaug.models.mini.train --out rareaug/models/mini/weights --recipe gpu   # an H100/H200, ~10 min
+    python -m rareaug.models.mini.train --out /tmp/mini --recipe cpu                     # 2 CPU cores, in the background
 
-Two stages, as Stable Diffusion was made: a KL autoencoder on the images, then the UNet and the CLIP text
-encoder together on its latents (epsilon prediction, SD's noise schedule, 10% empty prompts so classifier-free
-guidance works), with an exponential moving average of both. The four rare classes are never loaded.
-Same seed and recipe on the same device kind: same weights.
+Three stages, as Stable Diffusion was made from parts trained apart:
+1. a small CLIP (image tower + text tower, contrastive) on real images of all ten classes with a few caption
+   templates per class name; it knows the four rare garments by name and sight, as SD's CLIP has seen chest
+   X-rays that SD cannot draw;
+2. a KL autoencoder on real images of all ten classes (SD's autoencoder is a general-purpose image codec too);
+3. the UNet on the six common classes only, conditioned on the frozen CLIP text tower (epsilon prediction,
+   SD's noise schedule, 10% empty prompts for classifier-free guidance), with an EMA that warms up
+   (diffusers' EMAModel) so the shipped weights never keep the random initialisation.
+The UNet never sees a pullover, dress, coat or shirt.
+
+Every stage checkpoints into `--work` (safetensors + JSON, no pickle) and resumes where it stopped: rerun the
+same command. `--piece-minutes M` stops cleanly after M minutes (a GPU lent in 10-minute pieces);
+`--max-minutes M` sizes the UNet stage to M minutes, measured on its first steps, and the learning-rate
+schedule to that many steps. Same seed and recipe on the same device kind: same weights, resumed or not.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ...samples.fashion_mnist import COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
-from ...fit import device_label
+from ...checkpoint import load_checkpoint, save_checkpoint
+from ...errors import RareaugError
+from ...io import atomic_write_json, read_json
+from ...samples.fashion_mnist import CLASSES, COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
 from ..tiny import clip_tokenizer, sd_ddpm_scheduler
-from . import COMPONENTS, PROMPT, RESOLUTION, build_untrained
+from . import (CAPTION_TEMPLATES, COMPONENTS, LATENT_CHANNELS, PROMPT, RESOLUTION, build_untrained,
+               text_tower_of)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
+    clip_steps: int
+    clip_batch: int
     vae_steps: int
     vae_batch: int
     unet_steps: int
     unet_batch: int
-    vae_lr: float = 1e-3
-    unet_lr: float = 5e-4
-    warmup: int = 200
-    ema_decay: float = 0.999
-    kl_weight: float = 1e-5
+    clip_lr: float = 1e-3
+    vae_lr: float = 2e-3
+    unet_lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.9995  # the cap; diffusers' warm-up schedule 1 - (1 + step) ** -2/3 rises to it
+    kl_weight: float = 1e-6
     uncond_prob: float = 0.1
     images_per_class: int | None = None  # None: all 6,000
+    checkpoint_every: int = 200
 
 
 RECIPES = {
-    "gpu": Recipe(vae_steps=2000, vae_batch=256, unet_steps=6000, unet_batch=512, unet_lr=1e-3),
-    # Measured here: 0.66 s an autoencoder step and 0.53 s a UNet step at batch 128 on 2 cores: about 78 minutes.
-    "cpu": Recipe(vae_steps=1000, vae_batch=128, unet_steps=7500, unet_batch=128),
-    "smoke": Recipe(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1, images_per_class=8),
+    "gpu": Recipe(clip_steps=3000, clip_batch=512, vae_steps=4000, vae_batch=256, unet_steps=12000, unet_batch=512),
+    # Sized by step times measured on 2 cores (0.5 s a CLIP step at 256, 0.6 s an autoencoder step at 128,
+    # 0.7 s a UNet step at 128): about 85 minutes when the cores are free.
+    "cpu": Recipe(clip_steps=600, clip_batch=256, vae_steps=2000, vae_batch=128, unet_steps=5000, unet_batch=128),
+    "smoke": Recipe(clip_steps=4, clip_batch=16, vae_steps=4, vae_batch=8, unet_steps=6, unet_batch=8, warmup=2,
+                    images_per_class=8, checkpoint_every=2),
 }
 
 
-def common_class_images(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real training images of the six common classes in [-1, 1], 3 x 32 x 32, and their index in COMMON_CLASSES."""
-    images, labels = load_fashion_mnist("train")
+class Paused(Exception):
+    """--piece-minutes ran out: the state is checkpointed and the same command continues it."""
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 28x28 -> float 3x32x32 in [-1, 1], padded with Fashion-MNIST's own black background."""
+    x = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    return torch.from_numpy(x).float().div(127.5).sub(1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def class_images(split: str, classes: tuple[str, ...], per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images of `classes` in [-1, 1] and their index in `classes`."""
+    images, labels = load_fashion_mnist(split)
     xs, ys = [], []
-    for k, name in enumerate(COMMON_CLASSES):
-        picked = images[labels == class_index(name)][:recipe.images_per_class]
+    for k, name in enumerate(classes):
+        picked = images[labels == class_index(name)][:per_class]
         xs.append(picked)
         ys.append(np.full(len(picked), k))
-    x = np.pad(np.concatenate(xs), ((0, 0), (2, 2), (2, 2)))  # black, as Fashion-MNIST's own background
-    x = torch.from_numpy(x).float().div(127.5).sub(1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-    return x, torch.from_numpy(np.concatenate(ys))
+    return to_model_range(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def lr_lambda(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return factor
+def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(batch), generator=generator, device=generator.device) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
-def train_vae(vae, images, recipe: Recipe, device, log) -> dict:
-    vae.to(device).train()
-    images = images.to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.warmup, recipe.vae_steps))
-    losses = []
-    for step in range(recipe.vae_steps):
-        batch = images[torch.randint(len(images), (recipe.vae_batch,), device=device)]
-        flip = torch.rand(len(batch), device=device) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        mse = F.mse_loss(reconstruction, batch)
-        loss = mse + recipe.kl_weight * posterior.kl().mean()
+# ---------------------------------------------------------------------------------------------------- loop
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine to zero at `total`: the schedule always ends where the run ends."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@dataclasses.dataclass
+class Clock:
+    """This invocation's piece deadline, and the UNet budget that sets the UNet's step count."""
+    piece_deadline: float | None = None
+    unet_budget_s: float | None = None
+
+
+def train_loop(stage: str, work: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+               step_fn: Callable[[int], torch.Tensor], total: int, recipe: Recipe, generator: torch.Generator,
+               clock: Clock, log, ema=None, base_lr: float = 1e-3, budget: Callable | None = None) -> dict:
+    """The one loop every stage runs: learning-rate schedule, EMA, logging, checkpoints, resume and pieces.
+
+    `budget(step, seconds, steps_timed)` may return a new total once, after the first timed steps (--max-minutes).
+    Returns the stage's summary: steps run and the mean loss of its last 100 steps.
+    """
+    path = work / f"{stage}.checkpoint.safetensors"
+    params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+    start, recent = 0, []
+    if path.is_file():
+        state = load_checkpoint(path)
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        if ema is not None:
+            ema.shadow_params = [p.to(params[0].device) for p in state["ema"]]
+            ema.optimization_step = state["ema_step"]
+        start, total, recent = state["step"], state["total"], list(state["recent"])
+        log({"stage": stage, "resumed_at_step": start, "of": total})
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(path, {
+            "modules": {name: module.state_dict() for name, module in modules.items()},
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+            "total": total, "recent": recent[-100:],
+            "ema": list(ema.shadow_params) if ema is not None else None,
+            "ema_step": ema.optimization_step if ema is not None else None,
+        })
+
+    timer, step = time.monotonic(), start
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * lr_factor(step, recipe.warmup, total)
+        loss = step_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        schedule.step()
-        losses.append(mse.detach())
-        if step % 200 == 0 or step == recipe.vae_steps - 1:
-            log({"stage": "vae", "step": step, "mse": _recent(losses)})
+        if ema is not None:
+            ema.step(params)
+        recent = (recent + [loss.detach().float().cpu()])[-100:]
+        step += 1
+        if budget is not None:
+            resized = budget(step, time.monotonic() - timer, step - start)
+            if resized is not None and resized != total:
+                total = resized
+                log({"stage": stage, "steps_set_by_budget": total})
+        if step % 100 == 0 or step == total:
+            log({"stage": stage, "step": step, "of": total, "loss": float(torch.stack(recent).mean())})
+        piece_over = clock.piece_deadline is not None and time.monotonic() > clock.piece_deadline
+        if step % recipe.checkpoint_every == 0 or step == total or piece_over:
+            checkpoint(step)
+        if piece_over and step < total:
+            raise Paused(f"{stage} step {step} of {total}")
+    return {"steps": total, "final_loss": float(torch.stack(recent).mean()) if recent else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+def train_clip(clip, tokenizer, recipe: Recipe, device, work: Path, clock: Clock, log, seed: int) -> dict:
+    """Contrastive image-text training over all ten classes; several captions per class name.
+
+    With ten classes a batch holds many images of one class, so plain CLIP's one-positive loss would push
+    apart captions and images that match; each image's target is every caption of its class (and each
+    caption's, every image of its class in the batch), as in supervised-contrastive variants of CLIP.
+    """
+    images, labels = class_images("train", CLASSES, recipe.images_per_class)
+    images, labels = images.to(device), labels.to(device)
+    captions = [template.format(name) for name in CLASSES for template in CAPTION_TEMPLATES]
+    caption_class = torch.arange(len(CLASSES), device=device).repeat_interleave(len(CAPTION_TEMPLATES))
+    ids = tokenizer(captions, padding=True, return_tensors="pt").input_ids.to(device)
+    generator = torch.Generator(device).manual_seed(seed * 1000 + 1)
+    clip.to(device).train()
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
+
+    def step_fn(_: int) -> torch.Tensor:
+        pick = torch.randint(len(images), (recipe.clip_batch,), generator=generator, device=device)
+        image_features = F.normalize(_features(clip.get_image_features(pixel_values=random_flip(images[pick], generator))), dim=-1)
+        text_features = F.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * image_features @ text_features.T
+        match = (labels[pick][:, None] == caption_class[None]).float()
+        image_loss = -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        present = match.sum(0) > 0  # captions whose class has an image in this batch
+        text_targets = match.T[present] / match.T[present].sum(1, keepdim=True)
+        text_loss = -(text_targets * logits.T[present].log_softmax(1)).sum(1).mean()
+        return (image_loss + text_loss) / 2
+
+    summary = train_loop("clip", work, {"clip": clip}, optimizer, step_fn, recipe.clip_steps, recipe, generator,
+                         clock, log, base_lr=recipe.clip_lr)
+    clip.eval()
+    return {"clip_steps": summary["steps"], "clip_final_loss": summary["final_loss"],
+            "clip_zero_shot": zero_shot_accuracy(clip, tokenizer, device)}
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features, 4.x a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def zero_shot_accuracy(clip, tokenizer, device) -> dict:
+    """CLIP's zero-shot accuracy on the whole real test set: the nearest class by mean caption feature."""
+    images, labels = load_fashion_mnist("test")
+    x = to_model_range(images)
+    captions = [template.format(name) for name in CLASSES for template in CAPTION_TEMPLATES]
+    ids = tokenizer(captions, padding=True, return_tensors="pt").input_ids.to(device)
+    text = F.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
+    text = F.normalize(text.view(len(CLASSES), len(CAPTION_TEMPLATES), -1).mean(1), dim=-1)
+    predicted = torch.cat([
+        (F.normalize(_features(clip.get_image_features(pixel_values=x[i:i + 1000].to(device))), dim=-1) @ text.T).argmax(1).cpu()
+        for i in range(0, len(x), 1000)])
+    truth = torch.from_numpy(labels).long()
+    per_class = {name: float((predicted[truth == k] == k).float().mean()) for k, name in enumerate(CLASSES)}
+    return {"overall": float((predicted == truth).float().mean()), "per_class": per_class}
+
+
+def train_vae(vae, recipe: Recipe, device, work: Path, clock: Clock, log, seed: int) -> dict:
+    images, _ = class_images("train", CLASSES, recipe.images_per_class)
+    images = images.to(device)
+    generator = torch.Generator(device).manual_seed(seed * 1000 + 2)
+    vae.to(device).train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
+
+    def step_fn(_: int) -> torch.Tensor:
+        batch = random_flip(images[torch.randint(len(images), (recipe.vae_batch,), generator=generator, device=device)],
+                            generator)
+        posterior = vae.encode(batch).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator, device=device)
+        reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
+        return F.mse_loss(reconstruction, batch) + recipe.kl_weight * posterior.kl().mean()
+
+    summary = train_loop("vae", work, {"vae": vae}, optimizer, step_fn, recipe.vae_steps, recipe, generator, clock, log,
+                         base_lr=recipe.vae_lr)
     vae.eval()
-    return {"vae_final_mse": _recent(losses)}
+    return {"vae_steps": summary["steps"], "vae_final_loss": summary["final_loss"],
+            "vae_test_mse": reconstruction_mse(vae, device)}
 
 
-def _recent(losses: list[torch.Tensor], n: int = 100) -> float:
-    return torch.stack(losses[-n:]).mean().item()  # one device sync per log line, not per step
+@torch.no_grad()
+def reconstruction_mse(vae, device) -> dict:
+    """Pixel MSE in [-1, 1] of the posterior mode, on the held-out real test set, per class and overall."""
+    images, labels = load_fashion_mnist("test")
+    x = to_model_range(images)
+    errors = torch.cat([
+        (vae.decode(vae.encode(x[i:i + 500].to(device)).latent_dist.mode()).sample.float().cpu() - x[i:i + 500])
+        .pow(2).mean(dim=(1, 2, 3)) for i in range(0, len(x), 500)])
+    truth = torch.from_numpy(labels)
+    return {"overall": float(errors.mean()),
+            "per_class": {name: float(errors[truth == k].mean()) for k, name in enumerate(CLASSES)}}
 
 
 @torch.no_grad()
@@ -118,96 +285,134 @@ def encode_all(vae, images, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def train_denoiser(unet, text_encoder, tokenizer, latents, labels, scaling: float, recipe: Recipe, device, deadline,
-                   log) -> dict:
-    """UNet and text encoder together; returns their EMA copies and a summary."""
-    means, stds = (part.to(device) for part in latents)
-    labels = labels.to(device)
-    prompts = [PROMPT.replace("{class}", name) for name in COMMON_CLASSES] + [""]
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    empty = len(prompts) - 1
-    scheduler = sd_ddpm_scheduler()
-    alphas = scheduler.alphas_cumprod.to(device)
-    unet.to(device).train()
-    text_encoder.to(device).train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.warmup, recipe.unet_steps))
-    ema = {name: AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
-           for name, module in (("unet", unet), ("text_encoder", text_encoder))}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    losses, step = [], 0
-    for step in range(recipe.unet_steps):
-        pick = torch.randint(len(means), (recipe.unet_batch,), device=device)
-        z = (means[pick] + stds[pick] * torch.randn_like(means[pick])) * scaling
-        which = labels[pick]
-        which = torch.where(torch.rand(len(which), device=device) < recipe.uncond_prob, empty, which)
-        noise = torch.randn_like(z)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-        with autocast:
-            embeds = text_encoder(ids)[0][which]
-            prediction = unet(noisy, t, encoder_hidden_states=embeds).sample
-        loss = F.mse_loss(prediction.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
-            ema[name].update_parameters(module)
-        losses.append(loss.detach())
-        if step % 200 == 0 or step == recipe.unet_steps - 1:
-            log({"stage": "unet", "step": step, "loss": _recent(losses)})
-        if deadline and time.monotonic() > deadline:
-            log({"stage": "unet", "stopped_at_step": step + 1, "why": "--max-minutes reached"})
-            break
-    return {"unet_final_loss": _recent(losses), "unet_steps_done": step + 1,
-            "ema": {name: copy.module for name, copy in ema.items()}}
-
-
 def unet_scaling(latents) -> float:
     """SD's scaling_factor: 1 / std of the latents, so the UNet sees unit variance."""
     means, stds = latents
     return float(1.0 / (means.pow(2).mean() + stds.pow(2).mean() - means.mean().pow(2)).sqrt())
 
 
-def save(out: Path, unet, vae, text_encoder) -> None:
+TIMED_STEPS = 30  # UNet steps timed before --max-minutes sets the step count (fewer than any warm-up)
+
+
+def budget_steps(seconds_per_step: float, budget_s: float, recipe: Recipe) -> int:
+    """How many UNet steps fit the budget: never past the recipe's, never inside the warm-up."""
+    return max(recipe.warmup + 1, TIMED_STEPS + 1, min(recipe.unet_steps, int(budget_s / seconds_per_step)))
+
+
+def make_ema(parameters, recipe: Recipe):
+    """diffusers' EMA with its warm-up: decay 1 - (1 + step)^-2/3 (0.37 after one step, 0.99 after 1,000),
+    capped at the recipe's, so a short run's average follows the weights instead of keeping the initial ones."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(parameters, decay=recipe.ema_decay, use_ema_warmup=True, power=2 / 3)
+
+
+def train_unet(unet, text_encoder, tokenizer, vae, recipe: Recipe, device, work: Path, clock: Clock, log,
+               seed: int) -> dict:
+    """The UNet on the six common classes, on the frozen text tower; returns its EMA weights in `unet`."""
+    images, labels = class_images("train", COMMON_CLASSES, recipe.images_per_class)
+    means, stds = (part.to(device) for part in encode_all(vae, images, device))
+    labels = labels.repeat(2).to(device)
+    scaling = unet_scaling((means, stds))
+    prompts = [PROMPT.replace("{class}", name) for name in COMMON_CLASSES] + [""]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():  # frozen, as SD's: seven prompts, embedded once
+        embeddings = text_encoder.to(device).eval()(ids)[0]
+    empty = len(prompts) - 1
+    alphas = sd_ddpm_scheduler().alphas_cumprod.to(device)
+    generator = torch.Generator(device).manual_seed(seed * 1000 + 3)
+    unet.to(device).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
+    ema = make_ema(unet.parameters(), recipe)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+
+    def step_fn(_: int) -> torch.Tensor:
+        pick = torch.randint(len(means), (recipe.unet_batch,), generator=generator, device=device)
+        z = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator, device=device)) * scaling
+        drop = torch.rand(len(pick), generator=generator, device=device) < recipe.uncond_prob
+        which = torch.where(drop, empty, labels[pick])
+        noise = torch.randn(z.shape, generator=generator, device=device)
+        t = torch.randint(0, len(alphas), (len(z),), generator=generator, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        with autocast:
+            prediction = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, encoder_hidden_states=embeddings[which]).sample
+        return F.mse_loss(prediction.float(), noise)
+
+    state_file = work / "unet.steps.json"
+    total = (read_json(state_file) or {}).get("steps", recipe.unet_steps)
+
+    def budget(step: int, seconds: float, steps_timed: int) -> int | None:
+        """--max-minutes: after the timed steps the budget fixes the step count once (kept for a resume)."""
+        if clock.unet_budget_s is None or step < TIMED_STEPS or state_file.is_file():
+            return None
+        steps = budget_steps(seconds / steps_timed, clock.unet_budget_s, recipe)
+        atomic_write_json(state_file, {"steps": steps, "seconds_per_step": seconds / steps_timed})
+        return steps
+
+    summary = train_loop("unet", work, {"unet": unet}, optimizer, step_fn, total, recipe, generator, clock, log,
+                         ema=ema, base_lr=recipe.unet_lr, budget=budget)
+    raw_loss = summary["final_loss"]
+    ema.copy_to(unet.parameters())  # the shipped weights are the average
+    unet.eval()
+    return {"unet_steps": summary["steps"], "unet_raw_final_loss": raw_loss, "latent_scaling_factor": scaling,
+            "unet_ema_loss": denoising_loss(unet, embeddings, means, stds, labels, scaling, alphas, device, seed)}
+
+
+@torch.no_grad()
+def denoising_loss(unet, embeddings, means, stds, labels, scaling, alphas, device, seed: int, n: int = 4096) -> float:
+    """The shipped (EMA) UNet's own noise-prediction loss on training latents: a fixed draw, prompts as asked."""
+    generator = torch.Generator(device).manual_seed(seed * 1000 + 4)
+    pick = torch.randint(len(means), (n,), generator=generator, device=device)
+    z = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator, device=device)) * scaling
+    noise = torch.randn(z.shape, generator=generator, device=device)
+    t = torch.randint(0, len(alphas), (n,), generator=generator, device=device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    total = 0.0
+    for i in range(0, n, 512):
+        s = slice(i, i + 512)
+        prediction = unet(a[s].sqrt() * z[s] + (1 - a[s]).sqrt() * noise[s], t[s],
+                          encoder_hidden_states=embeddings[labels[pick[s]]]).sample.float()
+        total += F.mse_loss(prediction, noise[s], reduction="sum").item()
+    return total / noise.numel()
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+def save(out: Path, modules: dict) -> None:
+    """The pipeline's folders plus the whole CLIP (both towers, projections) in `clip/`."""
+    from diffusers import DPMSolverMultistepScheduler
+
     out.mkdir(parents=True, exist_ok=True)
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    parts = {"unet": modules["unet"], "vae": modules["vae"], "text_encoder": text_tower_of(modules["clip"]),
+             "clip": modules["clip"]}
+    for name, module in parts.items():
         # float16 on disk halves the package; loading casts to whatever dtype the run asks for.
         # nn.Module.to: diffusers' own warns on every cast although these models keep nothing in float32.
         torch.nn.Module.to(module, "cpu", torch.float16).save_pretrained(out / name, safe_serialization=True)
         torch.nn.Module.to(module, torch.float32)
-    scheduler = sd_ddpm_scheduler()
-    from diffusers import DPMSolverMultistepScheduler
-
     # Sampling defaults to DPM-Solver++ on the training betas: 25 steps are plenty at 8x8 latents.
-    DPMSolverMultistepScheduler.from_config(scheduler.config).save_pretrained(out / "scheduler")
+    DPMSolverMultistepScheduler.from_config(sd_ddpm_scheduler().config).save_pretrained(out / "scheduler")
 
 
-def sample_grid(out: Path, device, seeds: int = 8):
-    """Images for every class (the six seen, then the four never seen), one row each; returns (images, names)."""
+def sample_grid(out: Path, device, seeds: int = 8) -> None:
+    """Images for every class (the six seen, then the four never seen), one row each."""
     from PIL import Image
 
-    from ...generate.sampler import BankSampler, SampleRequest
-    from ..base import frozen_base_model
-    from . import load_mini_components
+    from .gate import load_for_sampling, sample_class
 
-    base = frozen_base_model(load_mini_components(out), str(out), False, device, torch.float32)
-    rows, names = [], []
-    for name in (*COMMON_CLASSES, *RARE_CLASSES):
-        sampler = BankSampler(base, None, PROMPT.replace("{class}", name), 3.0, 25, "default", device, RESOLUTION)
-        rows.append(sampler.sample([SampleRequest([], [], [], seed) for seed in range(seeds)]))
-        names += [name] * seeds
-    images = torch.cat(rows)
-    grid = images.view(len(rows), seeds, 3, RESOLUTION, RESOLUTION).permute(0, 3, 1, 4, 2)
-    grid = grid.reshape(len(rows) * RESOLUTION, seeds * RESOLUTION, 3).mul(255).round().byte().numpy()
-    Image.fromarray(grid).resize((seeds * RESOLUTION * 2, len(rows) * RESOLUTION * 2), Image.NEAREST).save(
-        out / "sample_grid.png", optimize=True)
-    return images, names
+    base = load_for_sampling(out, device)
+    rows = [sample_class(base, name, range(seeds), device) for name in (*COMMON_CLASSES, *RARE_CLASSES)]
+    grid = torch.stack(rows).permute(0, 3, 1, 4, 2).reshape(len(rows) * RESOLUTION, seeds * RESOLUTION, 3)
+    Image.fromarray(grid.mul(255).round().byte().numpy()).resize(
+        (seeds * RESOLUTION * 2, len(rows) * RESOLUTION * 2), Image.NEAREST).save(out / "sample_grid.png", optimize=True)
+
+
+def _work_folder(args, recipe: Recipe) -> Path:
+    """One work folder per (recipe, seed): a resume never mixes two configurations."""
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(recipe), args.seed, args.max_minutes]).encode()).hexdigest()[:10]
+    return (args.work or args.out.parent / f".{args.out.name}.work") / f"{args.recipe}-seed{args.seed}-{key}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,117 +421,105 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage early (noted in the card)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="checkpoints (default: .<out>.work beside --out; never committed)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="the UNet stage's budget: sets its step count (and schedule) from its measured speed")
+    parser.add_argument("--piece-minutes", type=float, default=None,
+                        help="stop cleanly after this many minutes; the same command resumes")
+    parser.add_argument("--samples-per-class", type=int, default=64, help="the quality gate's samples per class")
     args = parser.parse_args(argv)
+    try:
+        run(args, argv)
+    except Paused as paused:
+        print(json.dumps({"paused": str(paused), "resume": "run the same command again"}), flush=True)
+    except RareaugError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def run(args, argv) -> None:
+    from .gate import quality_gate
+
     recipe, device = RECIPES[args.recipe], torch.device(args.device)
     started = time.monotonic()
-    deadline = started + args.max_minutes * 60 if args.max_minutes else None
+    clock = Clock(piece_deadline=started + args.piece_minutes * 60 if args.piece_minutes else None,
+                  unet_budget_s=args.max_minutes * 60 if args.max_minutes else None)
+    work = _work_folder(args, recipe)
+    work.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    progress = read_json(work / "progress.json") or {"minutes": 0.0, "summary": {}}
 
     def log(record: dict) -> None:
         print(json.dumps({"t_s": round(time.monotonic() - started, 1), **record}), flush=True)
 
-    # 1. Data and architecture, seeded
-    torch.manual_seed(args.seed)
-    images, labels = common_class_images(recipe)
-    log({"images": len(images), "classes": list(COMMON_CLASSES), "device": device_label(device)})
+    def finish_stage(name: str, modules: dict, result: dict) -> None:
+        save_checkpoint(work / f"{name}.done.safetensors", {n: m.state_dict() for n, m in modules.items()})
+        progress["summary"].update(result)
+        atomic_write_json(work / "progress.json", progress)
+        log({"stage": name, "done": True, **result})
+
+    def completed(name: str, modules: dict) -> bool:
+        path = work / f"{name}.done.safetensors"
+        if not path.is_file():
+            return False
+        for key, state in load_checkpoint(path).items():
+            modules[key].load_state_dict(state)
+            modules[key].to(device).eval()
+        return True
+
+    torch.manual_seed(args.seed)  # the architecture's initial weights
     modules = build_untrained()
     tokenizer = clip_tokenizer()
-    # 2. Autoencoder
-    summary = train_vae(modules["vae"], images, recipe, device, log)
-    latents = encode_all(modules["vae"], images, device)
-    scaling = unet_scaling(latents)
-    modules["vae"].register_to_config(scaling_factor=scaling)
-    log({"latent_scaling_factor": scaling})
-    # 3. Denoiser and text encoder on the latents (labels twice: each image and its mirror)
-    result = train_denoiser(modules["unet"], modules["text_encoder"], tokenizer, latents, labels.repeat(2), scaling,
-                            recipe, device, deadline, log)
-    ema = result.pop("ema")
-    summary.update(result)
+    log({"device": _device_label(device), "work": str(work), "recipe": args.recipe})
+    piece_started = time.monotonic()
+    try:
+        if not completed("clip", {"clip": modules["clip"]}):
+            finish_stage("clip", {"clip": modules["clip"]},
+                         train_clip(modules["clip"], tokenizer, recipe, device, work, clock, log, args.seed))
+        if not completed("vae", {"vae": modules["vae"]}):
+            finish_stage("vae", {"vae": modules["vae"]}, train_vae(modules["vae"], recipe, device, work, clock, log, args.seed))
+        text_encoder = text_tower_of(modules["clip"])
+        if not completed("unet", {"unet": modules["unet"]}):
+            result = train_unet(modules["unet"], text_encoder, tokenizer, modules["vae"], recipe, device, work, clock,
+                                log, args.seed)
+            modules["vae"].register_to_config(scaling_factor=result["latent_scaling_factor"])
+            finish_stage("unet", {"unet": modules["unet"]}, result)
+    finally:
+        progress["minutes"] += (time.monotonic() - piece_started) / 60
+        atomic_write_json(work / "progress.json", progress)
+    summary = dict(progress["summary"])
+    modules["vae"].register_to_config(scaling_factor=summary["latent_scaling_factor"])
     # Built beside --out and swapped in at the end: a failure never leaves new weights under an old model card.
     staging = args.out.parent / f".{args.out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    save(staging, ema["unet"], modules["vae"], ema["text_encoder"])
-    # 4. Samples, judged by a classifier trained on real images
-    from .check import judge_images, train_judge
-
-    generated, asked = sample_grid(staging, device)
-    judged = judge_images(train_judge(), generated.cpu())
-    agreement = {name: sum(j == a for j, a in zip(judged, asked) if a == name) / asked.count(name)
-                 for name in dict.fromkeys(asked)}
+    save(staging, modules)
+    sample_grid(staging, device)
     summary.update({
+        "gate": quality_gate(staging, device, n=args.samples_per_class),
         "recipe_name": args.recipe, "recipe": dataclasses.asdict(recipe), "seed": args.seed,
-        "device": device_label(device), "minutes": (time.monotonic() - started) / 60,
-        "latent_scaling_factor": scaling, "judge_agreement": agreement,
+        "device": _device_label(device), "training_minutes": progress["minutes"],
         "command": "python -m rareaug.models.mini.train " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in modules[name].parameters()) for name in COMPONENTS},
     })
-    (staging / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(staging / "training.json", summary)
+    from .card import write_card
+
     write_card(staging, summary)
     replaced = args.out.parent / f".{args.out.name}.old"
     if args.out.exists():
         args.out.rename(replaced)
     staging.rename(args.out)
     shutil.rmtree(replaced, ignore_errors=True)
-    log({"done": True, **{k: v for k, v in summary.items() if k not in ("recipe",)}})
+    log({"done": True, "gate": summary["gate"]["passed"]})
 
 
-def write_card(out: Path, summary: dict) -> None:
-    """The model card: what it saw, what it never saw, how it was made, how well it draws."""
-    recipe = summary["recipe"]
-    sizes = {name: sum(f.stat().st_size for f in (out / name).glob("*.safetensors")) for name in COMPONENTS}
-    seen = [f"| {name} | {summary['judge_agreement'][name]:.0%} |" for name in COMMON_CLASSES]
-    unseen = [f"| {name} (never seen) | {summary['judge_agreement'][name]:.0%} |" for name in RARE_CLASSES]
-    stopped = ("" if summary["unet_steps_done"] == recipe["unet_steps"] else
-               f" (stopped at step {summary['unet_steps_done']} by --max-minutes)")
-    lines = [
-        "# rareaug-mini",
-        "",
-        "A small Stable Diffusion (KL autoencoder, CLIP text encoder with the real 49,408-token BPE tokenizer,",
-        "cross-attention UNet; diffusers classes) trained from scratch, offline, at 32 x 32 px. It is the embedded",
-        "default of `rareaug demo` and the base model of `bench/evidence.py`: `--base-model mini`.",
-        "",
-        "## Data",
-        f"Fashion-MNIST training images (Zalando Research, MIT licence) of six common classes only: "
-        f"{', '.join(COMMON_CLASSES)} ({recipe['images_per_class'] or 6000} each, padded 28 -> 32 px with black, "
-        f"horizontal flips), prompts `{PROMPT}`. It has never seen {', '.join(RARE_CLASSES)}: those are the rare "
-        f"classes of the evidence benchmark.",
-        "",
-        "## How it was made",
-        f"- Command: `{summary['command']}` (seed {summary['seed']}), {summary['date']}, torch {summary['torch']}, "
-        f"on {summary['device']}, {summary['minutes']:.1f} minutes.",
-        f"- Autoencoder: {recipe['vae_steps']} steps, batch {recipe['vae_batch']}, Adam lr {recipe['vae_lr']}, "
-        f"MSE + {recipe['kl_weight']} x KL; final MSE {summary['vae_final_mse']:.4f}; latents 8 x 8 x 4, "
-        f"scaling factor {summary['latent_scaling_factor']:.3f}.",
-        f"- UNet and text encoder together: {recipe['unet_steps']} steps{stopped}, batch {recipe['unet_batch']}, "
-        f"AdamW lr {recipe['unet_lr']} (warm-up {recipe['warmup']}, cosine), epsilon prediction on SD's "
-        f"scaled-linear schedule, {recipe['uncond_prob']:.0%} empty prompts, EMA {recipe['ema_decay']}; "
-        f"final loss {summary['unet_final_loss']:.4f}.",
-        "- Parameters: " + ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in summary["parameters"].items())
-        + f"; {sum(sizes.values()) / 1e6:.1f} MB in float16.",
-        "- Sampling default: DPM-Solver++ (the scheduler folder), 25 steps; guidance 3.0 in the grid below.",
-        "",
-        "## Does it draw what it is asked?",
-        "A small CNN trained on real Fashion-MNIST (all ten classes, `rareaug.models.mini.check`) labels 8 samples",
-        "per prompt; the share that gets the prompted class:",
-        "",
-        "| prompt | judged as asked |",
-        "| --- | --- |",
-        *seen,
-        *unseen,
-        "",
-        "Rows of `sample_grid.png`, top to bottom: " + ", ".join((*COMMON_CLASSES, *RARE_CLASSES)) + ".",
-        "",
-        "![samples](sample_grid.png)",
-        "",
-        "## Licence",
-        "Weights: Apache-2.0, as rareaug. Training data: Fashion-MNIST, MIT licence, Copyright (c) 2017 Zalando SE.",
-        "",
-    ]
-    (out / "README.md").write_text("\n".join(lines))
+def _device_label(device: torch.device) -> str:
+    from ...fit import device_label
+
+    return device_label(device)
 
 
 if __name__ == "__main__":
