@@ -185,9 +185,10 @@ def pool_fidelity(run: Path, rare: str, table: dict) -> dict:
     import torch
 
     from rareaug.images import model_input
-    from rareaug.models.mini.check import judge_images, train_judge
+    from rareaug.models.mini.check import judge_images
+    from rareaug.models.mini.gate import cached_judge
 
-    judge = train_judge()
+    judge = cached_judge()
     estimates = json.loads((run / "sweep" / "summary.json").read_text()).get("pool_estimates", {})
     found = {}
     for pool in read_pools(run / "synthetic"):

@@ -98,14 +98,15 @@ def _rareaug(command: list[str]) -> None:
 
 def measure(run: Path, rare: str, pools: dict[str, list[str]]) -> dict:
     """Judge, source distance, nearest-other distance, near-copies and diversity for every pool."""
-    from rareaug.models.mini.check import judge_images, train_judge
+    from rareaug.models.mini.check import judge_images
+    from rareaug.models.mini.gate import cached_judge
     from rareaug.sweep.diversity import diversity
 
     split = [row for row in read_split(run / "split.csv") if row.rare and row.split == "train"]
     reals = torch.stack([model_input(row.abs_path, 32, "pad") for row in split]).add(1).div(2)
     real_ids = [row.id for row in split]
     guard = Guard(reals, real_ids)
-    judge = train_judge()
+    judge = cached_judge()
     found = {pool.variant: pool for pool in read_pools(run / "synthetic")}
     rows = []
     for name, options in pools.items():

@@ -228,3 +228,13 @@ def test_single_file_is_refused_in_one_line_before_any_download(tmp_path, empty_
     save_file({_UNET_IN: torch.zeros(2, 4, 3, 3), **extra}, str(weights))
     message = _one_line_error(load_base_model, str(weights))
     assert str(weights) in message and expected in message
+
+
+def test_unet_check_refuses_inpainting_and_accepts_any_text_to_image_latent_width(tmp_path):
+    """Inpainting (9 in, 4 out) is refused; a text-to-image UNet with 8-channel latents (rareaug-mini) is not."""
+    from rareaug.models.base import _check_sd_unet
+
+    with pytest.raises(RareaugError, match="9 input channels"):
+        _check_sd_unet(tmp_path, {"in_channels": 9, "out_channels": 4, "cross_attention_dim": 768})
+    _check_sd_unet(tmp_path, {"in_channels": 8, "out_channels": 8, "cross_attention_dim": 32})
+    _check_sd_unet(tmp_path, {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 1024})

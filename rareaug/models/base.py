@@ -274,14 +274,15 @@ def _check_diffusers_folder(path: Path) -> None:
 
 
 def _check_sd_unet(path: Path, config: dict) -> None:
-    """An SD 1.x/2.x text-to-image UNet: no SDXL extra embeddings, 4 latent channels in."""
+    """An SD 1.x/2.x text-to-image UNet: no SDXL extra embeddings, as many latent channels in as out (inpainting
+    and depth UNets take extra input channels; rareaug-mini's 8-channel latents are fine)."""
     cross_dim = config.get("cross_attention_dim")
     reason = None
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         reason = f"UNet class {config.get('_class_name')}"
     elif config.get("addition_embed_type") or cross_dim in (1280, 2048):
         reason = "an SDXL UNet"
-    elif config.get("in_channels", 4) != 4:
+    elif config.get("in_channels", 4) != config.get("out_channels", 4):
         reason = f"a UNet with {config.get('in_channels')} input channels (inpainting or depth)"
     if reason:
         raise RareaugError(f"{path}: unsupported base model ({reason}); only Stable Diffusion 1.x/2.x "

@@ -78,11 +78,25 @@ def write_card(out: Path, summary: dict) -> None:
         "![samples](sample_grid.png)",
         "",
         *lora_fidelity_lines(),
+        *known_limits(summary),
         "## Licence",
         "Weights: Apache-2.0, as rareaug. Training data: Fashion-MNIST, MIT licence, Copyright (c) 2017 Zalando SE.",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def known_limits(summary: dict) -> list[str]:
+    """What the aims asked and this model does not do, from its own figures."""
+    limits = []
+    vae = summary["vae_test_mse"]
+    if vae["overall"] > 0.005:
+        worst = sorted(vae["per_class"], key=vae["per_class"].get, reverse=True)[:3]
+        limits.append(f"- The autoencoder's held-out error ({vae['overall']:.4f}) is above the 0.005 aimed for; "
+                      f"it is highest for {', '.join(worst)}.")
+    if not summary["gate"]["passed"]:
+        limits.append("- The quality gate is not passed (see its table).")
+    return ["## Known limits", "", *limits, ""] if limits else []
 
 
 def lora_fidelity_lines() -> list[str]:

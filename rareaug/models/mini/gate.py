@@ -18,6 +18,28 @@ GUIDANCE, STEPS = 3.0, 25
 MIN_PER_CLASS, MIN_MEAN = 0.85, 0.90
 
 
+def cached_judge():
+    """check.py's judge, trained once per machine and kept as safetensors in the user cache (the ruler is
+    deterministic but costs half a minute; the gate, the tests and the benchmarks all ask for it)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from .check import train_judge
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rareaug" / "mini-judge-n20000-e2-s0.safetensors"
+    judge = train_judge(n_images=0)  # the architecture only: 0 images, no step taken
+    if cache.is_file():
+        judge.load_state_dict(load_file(str(cache)))
+        return judge.eval()
+    judge = train_judge()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_suffix(f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(temporary))
+    os.replace(temporary, cache)
+    return judge
+
+
 def load_for_sampling(folder: Path, device):
     from ..base import frozen_base_model
     from . import load_mini_components
@@ -45,10 +67,10 @@ def quality_gate(folder_or_base, device, n: int = 64, judge=None,
                  classes: tuple[str, ...] = (*COMMON_CLASSES, *RARE_CLASSES)) -> dict:
     """Judge `n` samples per class (seeds 0..n-1); the figures and whether the gate passed. The four rare
     classes are judged for the card (the UNet never drew them); the gate is about the six seen ones."""
-    from .check import judge_images, train_judge
+    from .check import judge_images
 
     base = load_for_sampling(folder_or_base, device) if isinstance(folder_or_base, (str, Path)) else folder_or_base
-    judge = judge or train_judge()
+    judge = judge or cached_judge()
     agreement, called, images = {}, {}, {}
     for name in classes:
         images[name] = sample_class(base, name, range(n), device)

@@ -65,10 +65,12 @@ class Recipe:
 
 
 RECIPES = {
-    "gpu": Recipe(clip_steps=3000, clip_batch=512, vae_steps=4000, vae_batch=256, unet_steps=12000, unet_batch=512),
-    # Sized by step times measured on 2 cores (0.5 s a CLIP step at 256, 0.6 s an autoencoder step at 128,
-    # 0.7 s a UNet step at 128): about 85 minutes when the cores are free.
-    "cpu": Recipe(clip_steps=600, clip_batch=256, vae_steps=2000, vae_batch=128, unet_steps=5000, unet_batch=128),
+    # An H100/H200: about 15 minutes by the last run's 0.1 s a UNet step at batch 512 (launch-bound); run it in
+    # pieces with --piece-minutes 9 where a GPU is lent 10 minutes at a time.
+    "gpu": Recipe(clip_steps=2000, clip_batch=512, vae_steps=3000, vae_batch=256, unet_steps=6000, unet_batch=512),
+    # Sized by step times measured on these 2 cores (0.5 s a CLIP step at 256, 1.0 s an autoencoder step at 128,
+    # 0.76 s a UNet step at 128): about 95 minutes when nothing else runs.
+    "cpu": Recipe(clip_steps=600, clip_batch=256, vae_steps=2000, vae_batch=128, unet_steps=4000, unet_batch=128),
     "smoke": Recipe(clip_steps=4, clip_batch=16, vae_steps=4, vae_batch=8, unet_steps=6, unet_batch=8, warmup=2,
                     images_per_class=8, checkpoint_every=2),
 }
@@ -409,10 +411,22 @@ def sample_grid(out: Path, device, seeds: int = 8) -> None:
         (seeds * RESOLUTION * 2, len(rows) * RESOLUTION * 2), Image.NEAREST).save(out / "sample_grid.png", optimize=True)
 
 
-def _work_folder(args, recipe: Recipe) -> Path:
-    """One work folder per (recipe, seed): a resume never mixes two configurations."""
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(recipe), args.seed, args.max_minutes]).encode()).hexdigest()[:10]
-    return (args.work or args.out.parent / f".{args.out.name}.work") / f"{args.recipe}-seed{args.seed}-{key}"
+# The recipe fields each stage's result depends on: a stage is reused when only a later stage's settings change.
+STAGE_FIELDS = {
+    "clip": ("clip_steps", "clip_batch", "clip_lr", "warmup", "images_per_class"),
+    "vae": ("vae_steps", "vae_batch", "vae_lr", "warmup", "kl_weight", "images_per_class"),
+}
+
+
+def stage_folders(root: Path, recipe: Recipe, seed: int, max_minutes: float | None) -> dict[str, Path]:
+    """One work folder per stage and the settings its result depends on: a resume never mixes two configs."""
+    def key(payload) -> str:
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+    settings = dataclasses.asdict(recipe)
+    tags = {name: key([{f: settings[f] for f in fields}, seed]) for name, fields in STAGE_FIELDS.items()}
+    tags["unet"] = key([settings, seed, max_minutes, tags["clip"], tags["vae"]])
+    return {name: root / f"{name}-{tag}" for name, tag in tags.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -444,52 +458,50 @@ def run(args, argv) -> None:
     started = time.monotonic()
     clock = Clock(piece_deadline=started + args.piece_minutes * 60 if args.piece_minutes else None,
                   unet_budget_s=args.max_minutes * 60 if args.max_minutes else None)
-    work = _work_folder(args, recipe)
-    work.mkdir(parents=True, exist_ok=True)
+    folders = stage_folders(args.work or args.out.parent / f".{args.out.name}.work", recipe, args.seed,
+                            args.max_minutes)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    progress = read_json(work / "progress.json") or {"minutes": 0.0, "summary": {}}
 
     def log(record: dict) -> None:
         print(json.dumps({"t_s": round(time.monotonic() - started, 1), **record}), flush=True)
 
-    def finish_stage(name: str, modules: dict, result: dict) -> None:
-        save_checkpoint(work / f"{name}.done.safetensors", {n: m.state_dict() for n, m in modules.items()})
-        progress["summary"].update(result)
-        atomic_write_json(work / "progress.json", progress)
-        log({"stage": name, "done": True, **result})
-
-    def completed(name: str, modules: dict) -> bool:
-        path = work / f"{name}.done.safetensors"
-        if not path.is_file():
-            return False
-        for key, state in load_checkpoint(path).items():
-            modules[key].load_state_dict(state)
-            modules[key].to(device).eval()
-        return True
+    def stage(name: str, modules: dict, train: Callable[[Path], dict]) -> dict:
+        """A finished stage's weights and figures are loaded; otherwise it trains (resuming) in its folder."""
+        folder = folders[name]
+        folder.mkdir(parents=True, exist_ok=True)
+        progress = read_json(folder / "progress.json") or {"minutes": 0.0, "result": None}
+        if progress["result"] is not None:
+            for key, state in load_checkpoint(folder / "done.safetensors").items():
+                modules[key].load_state_dict(state)
+                modules[key].to(device).eval()
+            return progress
+        piece_started = time.monotonic()
+        try:
+            result = train(folder)
+            save_checkpoint(folder / "done.safetensors", {n: m.state_dict() for n, m in modules.items()})
+            progress["result"] = result
+            log({"stage": name, "done": True, **result})
+        finally:
+            progress["minutes"] += (time.monotonic() - piece_started) / 60
+            atomic_write_json(folder / "progress.json", progress)
+        return progress
 
     torch.manual_seed(args.seed)  # the architecture's initial weights
     modules = build_untrained()
     tokenizer = clip_tokenizer()
-    log({"device": _device_label(device), "work": str(work), "recipe": args.recipe})
-    piece_started = time.monotonic()
-    try:
-        if not completed("clip", {"clip": modules["clip"]}):
-            finish_stage("clip", {"clip": modules["clip"]},
-                         train_clip(modules["clip"], tokenizer, recipe, device, work, clock, log, args.seed))
-        if not completed("vae", {"vae": modules["vae"]}):
-            finish_stage("vae", {"vae": modules["vae"]}, train_vae(modules["vae"], recipe, device, work, clock, log, args.seed))
-        text_encoder = text_tower_of(modules["clip"])
-        if not completed("unet", {"unet": modules["unet"]}):
-            result = train_unet(modules["unet"], text_encoder, tokenizer, modules["vae"], recipe, device, work, clock,
-                                log, args.seed)
-            modules["vae"].register_to_config(scaling_factor=result["latent_scaling_factor"])
-            finish_stage("unet", {"unet": modules["unet"]}, result)
-    finally:
-        progress["minutes"] += (time.monotonic() - piece_started) / 60
-        atomic_write_json(work / "progress.json", progress)
-    summary = dict(progress["summary"])
+    log({"device": _device_label(device), "work": str(folders["unet"].parent), "recipe": args.recipe})
+    done = [stage("clip", {"clip": modules["clip"]},
+                  lambda work: train_clip(modules["clip"], tokenizer, recipe, device, work, clock, log, args.seed)),
+            stage("vae", {"vae": modules["vae"]},
+                  lambda work: train_vae(modules["vae"], recipe, device, work, clock, log, args.seed))]
+    text_encoder = text_tower_of(modules["clip"])
+    done.append(stage("unet", {"unet": modules["unet"]},
+                      lambda work: train_unet(modules["unet"], text_encoder, tokenizer, modules["vae"], recipe, device,
+                                              work, clock, log, args.seed)))
+    summary = {key: value for progress in done for key, value in progress["result"].items()}
+    minutes = sum(progress["minutes"] for progress in done)
     modules["vae"].register_to_config(scaling_factor=summary["latent_scaling_factor"])
     # Built beside --out and swapped in at the end: a failure never leaves new weights under an old model card.
     staging = args.out.parent / f".{args.out.name}.partial"
@@ -499,7 +511,7 @@ def run(args, argv) -> None:
     summary.update({
         "gate": quality_gate(staging, device, n=args.samples_per_class),
         "recipe_name": args.recipe, "recipe": dataclasses.asdict(recipe), "seed": args.seed,
-        "device": _device_label(device), "training_minutes": progress["minutes"],
+        "device": _device_label(device), "training_minutes": minutes,
         "command": "python -m rareaug.models.mini.train " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in modules[name].parameters()) for name in COMPONENTS},
