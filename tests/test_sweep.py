@@ -268,7 +268,9 @@ def test_a_changed_synthetic_image_retrains_the_cells_that_use_it(swept, tmp_pat
     monkeypatch.setattr(stage, "run_cell", lambda cell, *a, **k: retrained.append(cell.name) or original(cell, *a, **k))
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1,2", "--methods", "loft,classic", *GRID)
     assert code == 0, err
-    assert retrained and all(name.startswith("loft-") for name in retrained)
+    # The loft cells train on it and the ratio-0 cell scores it for the pool estimate; classic cells never see it.
+    assert any(name.startswith("loft-") for name in retrained)
+    assert all(name.startswith(("loft-", "none-")) for name in retrained)
 
 
 def test_input_size_below_16_is_refused_in_one_line():
