@@ -251,9 +251,9 @@ def markdown(e: dict) -> str:
                           f"{gain['diff']:+.3f} (95% paired bootstrap {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}."]
         lines.append("")
     lines += [f"## Do the pools show a {e['rare']}?", "",
-              f"Every kept image of each pool judged by the benchmark's ruler (`rareaug.models.mini.check`, a CNN "
-              f"trained on real images of all ten classes), next to the pool's diversity at its largest ratio and "
-              f"the estimate a user gets without that ruler (the sweep's ratio-0 models, real data only).", "",
+              "Every kept image of each pool judged by the benchmark's ruler (`rareaug.models.mini.check`, a CNN "
+              "trained on real images of all ten classes), next to the pool's diversity at its largest ratio and "
+              "the estimate a user gets without that ruler (the sweep's ratio-0 models, real data only).", "",
               f"| pool | images | judged {e['rare']} | judged as, otherwise | diversity | user's estimate |",
               "| --- | --- | --- | --- | --- | --- |"]
     for variant, p in e.get("pools", {}).items():

@@ -36,7 +36,7 @@ def write_card(out: Path, summary: dict) -> None:
         f"`{CAPTION_TEMPLATES[1]}`, ...). Zero-shot accuracy on the whole real test set (10,000 images): "
         f"**{zero_shot['overall']:.1%}** ("
         + ", ".join(f"{name} {zero_shot['per_class'][name]:.0%}" for name in CLASSES) + ").",
-        f"- **Autoencoder**: all ten classes, as SD's autoencoder is a general image codec.",
+        "- **Autoencoder**: all ten classes, as SD's autoencoder is a general image codec.",
         f"- **UNet**: the six common classes only ({', '.join(COMMON_CLASSES)}; "
         f"{recipe['images_per_class'] or 6000} each), prompt `{PROMPT}`, 10% empty prompts.",
         "",

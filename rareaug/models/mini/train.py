@@ -41,7 +41,7 @@ from ...errors import RareaugError
 from ...io import atomic_write_json, read_json
 from ...samples.fashion_mnist import CLASSES, COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
 from ..tiny import clip_tokenizer, sd_ddpm_scheduler
-from . import (CAPTION_TEMPLATES, COMPONENTS, LATENT_CHANNELS, PROMPT, RESOLUTION, build_untrained,
+from . import (CAPTION_TEMPLATES, COMPONENTS, PROMPT, RESOLUTION, build_untrained,
                text_tower_of)
 
 
