@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fit-steps", type=int, default=None, help="LoRA steps (method defaults); for smoke runs")
     parser.add_argument("--test-per-class", type=int, default=None,
                         help="a seeded subset of the test set (default: all 1,000 per class); for smoke runs")
+    parser.add_argument("--other-per-class", type=int, default=N_OTHER,
+                        help=f"real training images of each other class (default {N_OTHER}); fewer for smoke runs")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the rareaug commands in this process (no start-up per command; smoke runs)")
     parser.add_argument("--work", type=Path, default=None, help="run folder (default runs/evidence-<class>-k<k>[-quick])")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. Real data: the training draw and the whole test set, as class folders.
     shared = args.work.parent if args.work else ROOT / "runs"  # the test set is shared by every class and k
-    data, test = write_data(work, shared, args.rare, args.k, args.test_per_class, parser.error)
+    data, test = write_data(work, shared, args.rare, args.k, args.test_per_class, parser.error, args.other_per_class)
 
     # 2. The commands a user would run (paths relative to the repository when they are inside it: cwd is ROOT).
     run, data, test = (_relative(path) for path in (work / "run", data, test))
@@ -90,9 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.append(sweep)
     minutes = {}
     for command in commands:
-        print("$ rareaug " + " ".join(command), flush=True)
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "rareaug", *command], check=True, cwd=ROOT)
+        run_rareaug(command, args.in_process)
         name = command[0] if command[0] != "fit" else f"fit {command[command.index('--method') + 1]}"
         minutes[name] = (time.monotonic() - t0) / 60
         print(json.dumps({"stage": name, "minutes": round(minutes[name], 2)}), flush=True)
@@ -106,12 +109,34 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out_dir / (tag + '.md')}", flush=True)
 
 
-def write_data(work: Path, shared: Path, rare: str, k: int, test_per_class: int | None, fail) -> tuple[Path, Path]:
-    """The evidence split's real images as class folders: k rare + N_OTHER of each other class (a seeded draw
+def run_rareaug(command: list[str], in_process: bool = False) -> None:
+    """Print and run one `rareaug` command from the repository root, as a user would type it: in a fresh Python
+    (the default: each stage starts clean) or in this one (`--in-process`, ~10 s of imports less a command)."""
+    print("$ rareaug " + " ".join(command), flush=True)
+    if not in_process:
+        subprocess.run([sys.executable, "-m", "rareaug", *command], check=True, cwd=ROOT)
+        return
+    import os
+
+    from rareaug.cli import app
+
+    previous = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        code = app(command, standalone_mode=False)
+    finally:
+        os.chdir(previous)
+    if code:
+        raise subprocess.CalledProcessError(code, ["rareaug", *command])
+
+
+def write_data(work: Path, shared: Path, rare: str, k: int, test_per_class: int | None, fail,
+               other: int = N_OTHER) -> tuple[Path, Path]:
+    """The evidence split's real images as class folders: k rare + `other` of each other class (a seeded draw
     from the training set) in work/data, and the test set (all of it, or a seeded subset) under `shared`."""
     data = work / "data"
     test = shared / ("evidence-test" if test_per_class is None else f"evidence-test-{test_per_class}")
-    counts = {name: (k if name == rare else N_OTHER) for name in CLASSES}
+    counts = {name: (k if name == rare else other) for name in CLASSES}
     images, labels = load_fashion_mnist("train")
     draw = seeded_subset(labels, counts, seed=0)
     write_class_folders(data, "train", draw, images, labels)
@@ -145,7 +170,8 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
                 table[f"{model}|{method}|{ratio}"] = row
     first = cells[0]
     return {
-        "rare": args.rare, "k": args.k, "seeds": seeds, "folds": args.folds, "ratios": ratios,
+        "rare": args.rare, "k": args.k, "n_other": args.other_per_class, "seeds": seeds, "folds": args.folds,
+        "ratios": ratios,
         "n_real_rare_train": int(first["n_real_rare"]), "n_val_pos": int(first["n_val_pos"]),
         "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
         "summary": summary, "table": table, "guard": _guard(run), "pools": pool_fidelity(run, args.rare, table),
@@ -222,7 +248,7 @@ def markdown(e: dict) -> str:
         f"# Evidence: {e['rare']}, k = {e['k']} real images",
         "",
         f"Rare class **{e['rare']}** (never seen by the `rareaug-mini` base model). Training data: {e['k']} real "
-        f"{e['rare']} images ({e['n_real_rare_train']} train, {e['n_val_pos']} validation) and {N_OTHER} real images "
+        f"{e['rare']} images ({e['n_real_rare_train']} train, {e['n_val_pos']} validation) and {e.get('n_other', N_OTHER)} real images "
         f"of each other class; test: the real Fashion-MNIST test set ({e['n_test_pos']} {e['rare']}, "
         f"{e['n_test_neg']} others). Classifier: ResNet18 from scratch at 32 px, {e['seeds']} seed(s), "
         f"{e['folds']} fold(s). Threshold and recommended ratio from validation only.",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from evidence import _relative, _versions, judged_shares, write_data  # noqa: E402
+from evidence import _relative, _versions, judged_shares, run_rareaug, write_data  # noqa: E402
 
 from rareaug.generate.guard import Guard  # noqa: E402
 from rareaug.images import model_input  # noqa: E402
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--config", "fashion_mnist", "--run", str(run), "--device", args.device]
     fit = ["fit", *common, "--data", str(_relative(data)), "--test-data", str(_relative(test)), "--rare", args.rare,
            "--method", "loft", *sum(([f"--{name}", f"{value:g}"] for name, value in variant.items()), [])]
-    _rareaug(fit)
+    run_rareaug(fit)
     n_loras = sum(1 for row in read_split(ROOT / run / "split.csv") if row.rare and row.split == "train")
     n = n_loras * args.per_lora
     pools = {"lambda 1": ["--method", "loft", "--lambda", "1"], "lambda 0.5": ["--method", "loft", "--lambda", "0.5"],
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = [fit]
     for name, options in pools.items():
         command = ["generate", *common, *options, "--n", str(n), "--no-guard"]
-        _rareaug(command)
+        run_rareaug(command)
         commands.append(command)
     result = measure(ROOT / run, args.rare, pools)
     result.update({
@@ -89,11 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out_dir / (tag + '.md')}", flush=True)
     if not variant and args.out_dir == ROOT / "bench" / "results":
         _update_card()
-
-
-def _rareaug(command: list[str]) -> None:
-    print("$ rareaug " + " ".join(command), flush=True)
-    subprocess.run([sys.executable, "-m", "rareaug", *command], check=True, cwd=ROOT)
 
 
 def measure(run: Path, rare: str, pools: dict[str, list[str]]) -> dict:

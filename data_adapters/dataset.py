@@ -13,6 +13,7 @@ import numpy as np
 
 from .decode import DecodeError, Decoded, decode
 from .layouts import scan as scan_layout
+from .layouts.common import rareaug_folders
 from .records import DataError, Problem, Record, Scan
 
 NEGATIVE_RULES = ("normal", "all-other")
@@ -48,6 +49,7 @@ def load_dataset(
     if on_bad_file not in ("skip", "fail"):
         raise DataError(f"--on-bad-file {on_bad_file!r} is unknown; choose skip or fail")
     found = scan_layout(Path(root).expanduser(), layout)
+    found = without_rareaug_folders(found)
     if not found.records:
         raise DataError(f"{found.root}: no images found for layout {found.layout!r}; check --data and --layout")
     if on_bad_file == "fail" and found.problems:
@@ -70,6 +72,21 @@ def load_dataset(
     patients_known = found.patients_known or any(record.patient for record in records)
     return Dataset(found.layout, found.root, records, problems, dict(sorted(classes.items())), rare_name,
                    patients_known)
+
+
+def without_rareaug_folders(found: Scan) -> Scan:
+    """Drop files inside a rareaug run or export folder that sits in the data folder, with one problem line each:
+    its exported copies and synthetic images must never be counted as real data (nor leak into a test split)."""
+    folders = rareaug_folders(found.root) if found.root.is_dir() else []
+    if not folders:
+        return found
+    prefixes = [folder.relative_to(found.root).as_posix() + "/" for folder in folders]
+    inside = Counter(next((p for p in prefixes if record.rel_path.startswith(p)), None) for record in found.records)
+    kept = [record for record in found.records if not any(record.rel_path.startswith(p) for p in prefixes)]
+    problems = list(found.problems) + [
+        Problem(prefix.rstrip("/"), f"a rareaug run or export folder ({inside[prefix]} image(s) left out); keep "
+                "runs and exports outside the data folder", "rareaug folder") for prefix in prefixes]
+    return dataclasses.replace(found, records=kept, problems=problems)
 
 
 def match_class(found: Scan, rare: str) -> str:
@@ -147,6 +164,9 @@ def _probe_one(record: Record, frame: int = 0) -> DecodeError | None:
     except Exception as error:  # a decoder bug on one file must not stop a 100k-image scan
         return DecodeError(f"{record.path}: could not decode ({type(error).__name__}: "
                            f"{' '.join(str(error).split())[:160]})", "decoder failure")
+    if decoded.synthetic:
+        return DecodeError(f"{record.path}: made by rareaug (its PNG carries the synthetic marker), so never real "
+                           "data; move it out of the data folder", "synthetic image")
     record.width, record.height = decoded.original_size
     record.mode, record.bit_depth = decoded.mode, decoded.bit_depth
     record.phash = perceptual_hash(decoded)

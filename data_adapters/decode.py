@@ -35,6 +35,10 @@ class Decoded:
     bit_depth: int
     original_size: tuple[int, int]  # (width, height) as stored
     patient_id: str | None = None  # raw DICOM PatientID: hash it before it goes anywhere
+    synthetic: bool = False  # the PNG carries rareaug's marker: an image rareaug generated, never real data
+
+
+SYNTHETIC_MARKER = "rareaug:synthetic"  # PNG text key that rareaug.generate writes into every image it makes
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -75,6 +79,7 @@ def decode_picture(path: Path) -> Decoded:
             image.load()
             original_size = image.size
             mode = image.mode
+            synthetic = image.info.get(SYNTHETIC_MARKER) == "true"
             image = ImageOps.exif_transpose(image)  # a phone photo is shown upright, so train on it upright
             pixels, bit_depth = _picture_to_array(image)
     except Image.DecompressionBombError as error:
@@ -82,7 +87,7 @@ def decode_picture(path: Path) -> Decoded:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DecodeError(f"{path}: not a readable image ({_one_line(error)}); re-export or remove it",
                           "unreadable image") from None
-    return Decoded(pixels=pixels, mode=mode, bit_depth=bit_depth, original_size=original_size)
+    return Decoded(pixels=pixels, mode=mode, bit_depth=bit_depth, original_size=original_size, synthetic=synthetic)
 
 
 def _picture_to_array(image: Image.Image) -> tuple[np.ndarray, int]:
@@ -175,7 +180,10 @@ def decode_dicom(path: Path, frame: int = 0) -> Decoded:
         # No window in the file: a robust stretch, so a few hot pixels do not darken the whole image.
         windowed = values.astype(np.float64)
         low, high = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
-    pixels = np.clip((windowed - low) / max(high - low, 1e-12), 0.0, 1.0)
+    # Signed span: with a negative RescaleSlope pydicom's window output runs from a larger y_min to a smaller
+    # y_max, and low input values still map to y_min; dividing by the signed span keeps them dark.
+    span = high - low
+    pixels = np.clip((windowed - low) / (span if abs(span) > 1e-12 else 1e-12), 0.0, 1.0)
     if photometric == "MONOCHROME1":  # MONOCHROME1 shows its minimum as white: invert, last.
         pixels = 1.0 - pixels
     return Decoded(pixels[None].astype(np.float32), photometric, bits_stored, (width, height), patient_id)
@@ -214,7 +222,22 @@ def _dicom_pixel_error(path: Path, ds, error: Exception) -> str:
             f"{path}: cannot decode DICOM transfer syntax '{syntax_name}' here; "
             f"install a decoder: {options} (e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)"
         )
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        # pydicom named no package (e.g. Pillow tried 12-bit JPEG and gave up): name the decoders for the family.
+        packages = next((names for prefix, names in _DECODERS if str(syntax).startswith(prefix)), _ANY_DECODER)
+        return (f"{path}: cannot decode DICOM transfer syntax '{syntax_name}' here ({_one_line(error)[:120]}); "
+                f"install a decoder: pip install {packages}")
     return f"{path}: cannot decode DICOM pixel data ({syntax_name}): {_one_line(error)}"
+
+
+# Which pip packages decode which compressed transfer syntaxes (pydicom's pixel-data handler table).
+_DECODERS = (
+    ("1.2.840.10008.1.2.4.8", "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)"),  # JPEG-LS
+    ("1.2.840.10008.1.2.4.9", "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"),  # JPEG 2000
+    ("1.2.840.10008.1.2.4.", "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"),  # JPEG baseline, 12-bit, lossless
+    ("1.2.840.10008.1.2.5", "pylibjpeg pylibjpeg-rle"),  # RLE
+)
+_ANY_DECODER = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 
 
 def _one_line(error: Exception) -> str:

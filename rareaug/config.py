@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import typing
 from importlib import resources
 from pathlib import Path
@@ -240,6 +241,8 @@ def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = N
     for dotted, value in overrides.items():
         node = values
         *parents, leaf = dotted.split(".")
+        if isinstance(value, float) and not math.isfinite(value):  # named as the flag, not as the recipe's key
+            raise RareaugError(f"{_flag(leaf)} must be a finite number, got {value}")
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
@@ -262,6 +265,8 @@ def default_recipe(data: str | None, layout: str | None) -> str:
 
 def check_config(config: Config) -> None:
     """Check values before any work starts; each message names the option and the fix."""
+    if not 0 <= config.seed < 2**32:
+        raise RareaugError(f"--seed must be between 0 and 2**32 - 1 (numpy's seed range), got {config.seed}")
     split = config.split
     if not 0.0 < split.test_fraction < 1.0:
         raise RareaugError(f"--test-fraction must be between 0 and 1 (exclusive), got {split.test_fraction}")
@@ -314,13 +319,18 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--guard-distance {gen.guard_distance!r} is unknown; use ssim or lpips")
     if gen.ratio is not None and gen.ratio < 0:
         raise RareaugError(f"--ratio must be 0 or more, got {gen.ratio}")
+    if gen.guidance < 0:
+        raise RareaugError(f"--guidance must be 0 or more (1 or less turns classifier-free guidance off), got "
+                           f"{gen.guidance}")
 
 
     sweep = config.sweep
     try:
         ratios = parse_ratios(sweep.ratios)
     except ValueError:
-        raise RareaugError(f"--ratios {sweep.ratios!r}: give numbers separated by commas, e.g. 0,0.5,1,2,4") from None
+        ratios = []
+    if not ratios or not all(math.isfinite(r) for r in ratios):
+        raise RareaugError(f"--ratios {sweep.ratios!r}: give finite numbers separated by commas, e.g. 0,0.5,1,2,4")
     if any(r < 0 for r in ratios):
         raise RareaugError(f"--ratios must be 0 or more, got {sweep.ratios}")
     if sweep.task not in ("binary", "multiclass"):
@@ -373,6 +383,10 @@ def _from_dict(cls, values: dict, where: str, prefix: str):
         raise RareaugError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping")
     hints = typing.get_type_hints(cls)
     fields = {field.name: field for field in dataclasses.fields(cls)}
+    not_names = [key for key in values if not isinstance(key, str)]
+    if not_names:
+        raise RareaugError(f"{where}: key {not_names[0]!r} under {prefix.rstrip('.') or 'the top level'} is not a "
+                           f"name; known keys: {', '.join(prefix + f for f in fields)}")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise RareaugError(f"{where}: unknown key {prefix}{unknown[0]}; known keys: {', '.join(prefix + f for f in fields)}")
@@ -401,6 +415,9 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN and infinity pass every `< 0` check below, and poison a run
+                raise RareaugError(f"{where}: {key} ({_flag(key.rsplit('.', 1)[-1])}) must be a finite number, "
+                                   f"got {value}")
             return float(value)
     elif kind is str:
         if isinstance(value, (str, Path)):
@@ -408,17 +425,24 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
     raise RareaugError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
 
 
-def hash_path(value: str) -> str:
-    """How stage records name a data path: by a hash of it, never the path itself."""
-    return "sha256:" + hashlib.sha256(str(Path(value).expanduser().resolve()).encode()).hexdigest()[:16]
+def _flag(key: str) -> str:
+    """The CLI flag of a config key (generate.lam is --lambda: `lambda` is a Python keyword)."""
+    return "--" + {"lam": "lambda"}.get(key, key).replace("_", "-")
 
 
-def stage_record(config: Config) -> dict[str, Any]:
+def hash_path(value: str, salt: str = "") -> str:
+    """How stage records and reports name a local path: by a hash salted per run (RunDir.salt), never the path
+    itself, so that a guessed path or name cannot be confirmed from a shared report. Runs made before the salt
+    have salt "" and keep their plain hashes."""
+    return "sha256:" + hashlib.sha256((salt + str(Path(value).expanduser().resolve())).encode()).hexdigest()[:16]
+
+
+def stage_record(config: Config, salt: str = "") -> dict[str, Any]:
     """The config as written to `stages/*.yaml`: paths hashed, since split.csv is the only file with paths."""
     record = config.to_dict()
     record.pop("run", None)
     for name in PATH_FIELDS:
         value = record["data"].get(name)
         if value:
-            record["data"][name] = hash_path(value)
+            record["data"][name] = hash_path(value, salt)
     return record

@@ -25,6 +25,7 @@ from data_adapters.decode import DecodeError, decode
 from .errors import RareaugError
 from .generate.manifest import Manifest, kept_rows
 from .io import read_json
+from .run_dir import mark_rareaug_folder, refuse_inside_data
 from .split import SplitRow, read_split
 
 MANIFEST_COLUMNS = ("file", "class", "source", "id", "variant", "loras", "weights", "seed", "nearest_real_id",
@@ -48,6 +49,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
     rows = read_split(run / "split.csv") if (run / "split.csv").is_file() else None
     if rows is None:
         raise RareaugError(f"{run}: not a run directory (no split.csv); pass the --run of a fitted run")
+    refuse_inside_data(out, "--out", {row.root for row in rows})
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RareaugError(f"--out {out}: exists and is not empty; give a new folder (nothing is overwritten)")
     # 1. How many synthetic images: an explicit ratio or the sweep's recommendation.
@@ -95,6 +97,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
         writer.writeheader()
         writer.writerows(records)
         (staging / "manifest.csv").write_text(buffer.getvalue())
+        mark_rareaug_folder(staging)  # real copies in it are never read back as new real data
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.replace(out)

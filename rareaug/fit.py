@@ -20,7 +20,7 @@ from .images import model_input
 from .io import atomic_write_text
 from .lora.bank import LoRABank
 from .lora.files import TEXT_PREFIX, TEXT_TARGETS, read_safetensors, save_safetensors, to_diffusers_state
-from .lora.train import Job, JobRunner, TrainData, amp_settings
+from .lora.train import CHECKPOINT_SUFFIX, Job, JobRunner, TrainData, amp_settings, checkpoint_path
 from .run_dir import RunDir, frozen_split, timed_stage
 from .split import SplitRow
 
@@ -196,7 +196,7 @@ def _train_jobs(jobs: list[Job], base, data: TrainData, train: list[SplitRow], c
         for job in jobs:
             losses = runner.run(job)
             save_job(job, bank, losses, train, fit_config, base, out_dir, text_bank)
-            (out_dir / "checkpoints" / f"{job.key}.pt").unlink(missing_ok=True)
+            checkpoint_path(out_dir / "checkpoints", job.key).unlink(missing_ok=True)
             trained += job.units
     return trained, tracker.rate()
 
@@ -211,7 +211,7 @@ def clear_outputs(out_dir: Path) -> None:
 def resumed_batch_size(recorded: Path) -> int | None:
     """An interrupted fit without --batch-size resumes with the chunking its checkpoints were made with
     (the default depends on free GPU memory, which can differ between runs)."""
-    if recorded.exists() and list(recorded.parent.glob("*.pt")):
+    if recorded.exists() and list(recorded.parent.glob(f"*{CHECKPOINT_SUFFIX}")):
         return int(recorded.read_text())
     return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from data_adapters import Dataset
@@ -85,9 +86,11 @@ def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -
 
 
 def render(summary: dict, console: Console) -> None:
-    """The human view: one table of classes by split, then facts, problems and warnings."""
+    """The human view: one table of classes by split, then facts, problems and warnings. Every name that comes
+    from the user's files is escaped: rich would read a file called `[bold]x.png` as markup and show `x.png`."""
     rare = summary["rare"]
-    title = f"{summary['layout']} layout · recipe {summary['recipe']}" + (f" · rare class: {rare}" if rare else "")
+    title = (f"{escape(str(summary['layout']))} layout · recipe {escape(str(summary['recipe']))}"
+             + (f" · rare class: {escape(rare)}" if rare else ""))
     table = Table(title=title, title_justify="left")
     table.add_column("class")
     for split in SPLITS:
@@ -96,7 +99,7 @@ def render(summary: dict, console: Console) -> None:
     classes = sorted({cls for counts in summary["splits"].values() for cls in counts}, key=lambda c: (c != rare, c))
     for cls in classes:
         counts = [summary["splits"][split].get(cls, 0) for split in SPLITS]
-        name = f"[bold magenta]{cls}[/] (rare)" if cls == rare else cls
+        name = f"[bold magenta]{escape(cls)}[/] (rare)" if cls == rare else escape(cls)
         table.add_row(name, *map(str, counts), str(sum(counts)))
     console.print(table)
 
@@ -110,17 +113,18 @@ def render(summary: dict, console: Console) -> None:
                   + "   bit depths: " + ", ".join(f"{bits} ({n})" for bits, n in summary["bit_depths"].items()))
     if len(summary["classes"]) > len(classes):
         unused = {c: n for c, n in summary["classes"].items() if c not in classes}
-        console.print("[dim]not used with these options: " + ", ".join(f"{c} ({n})" for c, n in unused.items()) + "[/]")
+        console.print("[dim]not used with these options: " + ", ".join(f"{escape(c)} ({n})" for c, n in unused.items())
+                      + "[/]")
     problems = summary["problems"]
     if problems:
         console.print(f"[yellow]{len(problems)} file(s) skipped:[/]")
         for problem in problems[:20]:
-            console.print(f"  [yellow]{problem['path']}[/]: {problem['reason']}", markup=True, highlight=False)
+            console.print(f"  [yellow]{escape(problem['path'])}[/]: {escape(problem['reason'])}", highlight=False)
         if len(problems) > 20:
             console.print(f"  ... and {len(problems) - 20} more (see --json)")
     for warning in summary["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if summary.get("split_file") == "written":
-        console.print(f"split frozen in {summary['run']}/split.csv")
+        console.print(f"split frozen in {escape(str(summary['run']))}/split.csv")
     elif summary.get("split_file") == "read":
-        console.print(f"split read from {summary['run']}/split.csv (frozen)")
+        console.print(f"split read from {escape(str(summary['run']))}/split.csv (frozen)")

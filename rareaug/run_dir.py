@@ -12,10 +12,12 @@ from typing import Any
 import yaml
 
 from data_adapters import Dataset, load_dataset
+from data_adapters.layouts.common import RAREAUG_MARKER
 
 from .config import Config, SplitConfig, hash_path, stage_record
 from .errors import RareaugError
-from .io import atomic_write_json, atomic_write_yaml
+from .io import atomic_write_json, atomic_write_text, atomic_write_yaml
+from .run_lock import lock_run
 from .split import SplitRow, make_split, read_split, write_split
 
 MIN_RARE = 5
@@ -31,6 +33,7 @@ def timed_stage(name_of, worked=lambda result: True):
     def decorate(stage):
         @functools.wraps(stage)
         def timed(config: Config, *args, **kwargs):
+            lock_run(config.run_dir())  # a new run is locked where frozen_split creates it
             start = time.monotonic()
             result = stage(config, *args, **kwargs)
             from . import distributed
@@ -52,6 +55,21 @@ def _device_name(requested: str) -> str:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    @property
+    def salt(self) -> str:
+        """This run's secret for hashing paths and names (RUN/.salt, made with the run). A run made before salts
+        existed (a split but no .salt) keeps "" so that its stored hashes still match."""
+        path = self.path / ".salt"
+        if path.is_file():
+            return path.read_text().strip()
+        if self.split_csv.exists():
+            return ""
+        import secrets
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, secrets.token_hex(16) + "\n")
+        return path.read_text().strip()
 
     @property
     def split_csv(self) -> Path:
@@ -89,7 +107,7 @@ class RunDir:
         if not path.exists():
             return False
         previous = _read_yaml(path)
-        record = _stage_sections(stage, stage_record(config))
+        record = _stage_sections(stage, stage_record(config, self.salt))
         if _without_execution(previous) == _without_execution(record):
             return False
         if not force:
@@ -101,7 +119,7 @@ class RunDir:
         """Record the resolved config once the stage is set to work (its model loaded), so a command that
         fails while setting up leaves nothing that would refuse the corrected command."""
         path = self.stage_config(stage, variant)
-        atomic_write_yaml(path, _stage_sections(stage, stage_record(config)))
+        atomic_write_yaml(path, _stage_sections(stage, stage_record(config, self.salt)))
         return path
 
 
@@ -154,13 +172,46 @@ def _flat(config: Config) -> dict[str, Any]:
             for key, value in dataclasses.asdict(getattr(config, section)).items()}
 
 
+def data_folder(path: str | Path) -> Path:
+    """The folder a --data or --test-data value names (a CSV file's own folder), resolved."""
+    path = Path(path).expanduser().resolve()
+    return path.parent if path.is_file() else path
+
+
+def refuse_inside_data(target: Path, flag: str, data_roots) -> None:
+    """rareaug never writes into the user's data: an output folder inside a data folder (or the reverse) is
+    refused, since a later `inspect` of that folder would take rareaug's files for real images."""
+    target = Path(target).expanduser().resolve()
+    for root in {data_folder(root) for root in data_roots if root}:
+        if target == root or root in target.parents:
+            raise RareaugError(f"{flag} {target} is inside the data folder {root}; rareaug never writes into your "
+                               f"data: choose a {flag} outside it")
+        if target in root.parents:
+            raise RareaugError(f"the data folder {root} is inside {flag} {target}; keep data and rareaug's "
+                               f"outputs apart: choose a {flag} outside the data")
+
+
+def mark_rareaug_folder(folder: Path) -> None:
+    """The hidden marker by which `inspect` recognises, and leaves out, a rareaug folder met inside data."""
+    (Path(folder) / RAREAUG_MARKER).write_text("made by rareaug; its images are never read as real data\n")
+
+
 def load_data(config: Config) -> tuple[Dataset, Dataset | None]:
-    """Decode the user's data (and --test-data) as the config says; refuse too few rare images."""
+    """Decode the user's data (and --test-data) as the config says; refuse too few rare images, an output
+    folder inside the data, and a test folder that is (or holds, or sits in) the training data."""
     data = config.data
     if not data.data:
         where = f"{config.run_dir() / 'split.csv'} does not exist yet" if config.run or config.data.rare else "no data"
         raise RareaugError(f"{where}: pass --data PATH (a folder of class folders, a layout root, or a CSV file) "
                            "to `rareaug inspect` or `rareaug fit` to create the run")
+    if config.run or config.data.rare:
+        refuse_inside_data(config.run_dir(), "--run", [data.data, data.test_data])
+    if data.test_data:
+        train_root, test_root = data_folder(data.data), data_folder(data.test_data)
+        if train_root == test_root or train_root in test_root.parents or test_root in train_root.parents:
+            raise RareaugError(f"--test-data {data.test_data} overlaps --data {data.data} (the same folder, or one "
+                               "inside the other): every test image would also be a training image; give a "
+                               "separate test folder")
     dataset = load_dataset(Path(data.data), data.layout, data.rare, data.negatives, data.max_per_class,
                            config.seed, data.on_bad_file, data.frame)
     test = None
@@ -196,12 +247,30 @@ def frozen_split(config: Config, given: set[str], dataset: Dataset | None = None
     if dataset.rare:  # store the layout's spelling of the class, whatever case the user typed
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, rare=dataset.rare))
     rows = make_split(dataset.records, test.records if test else [], config)
+    if config.split.folds > 1:  # refused before it is frozen (one validation split without a rare image: a warning)
+        check_rare_validation(rows, config.split.folds, "this split")
     run.path.mkdir(parents=True, exist_ok=True)
-    split_record = {"seed": config.seed, **{key: value for key, value in stage_record(config).items()
+    lock_run(run.path)
+    if run.split_csv.exists():  # another command froze it while this one decoded the data
+        raise RareaugError(f"{run.split_csv} was written by another command meanwhile; run this one again")
+    mark_rareaug_folder(run.path)
+    split_record = {"seed": config.seed, **{key: value for key, value in stage_record(config, run.salt).items()
                                             if key in ("data", "split")}}
     atomic_write_yaml(run.stage_config("split"), split_record)
     write_split(run.split_csv, rows)
     return rows, config, True
+
+
+def check_rare_validation(rows: list[SplitRow], folds: int, where: str) -> None:
+    """Every fold (or the one validation split) needs a rare image: a threshold is chosen on them."""
+    rare_outside_test = sum(1 for r in rows if r.rare and r.split != "test")
+    for fold in range(folds):
+        if not any(r.rare and r.split != "test" and (r.fold == fold if folds > 1 else r.split == "val") for r in rows):
+            fix = (f"use --folds {rare_outside_test} or fewer" if folds > rare_outside_test
+                   else "use fewer --folds or more rare images")
+            raise RareaugError(f"{'fold ' + str(fold) if folds > 1 else 'validation'} has no rare image in {where} "
+                               f"({rare_outside_test} rare image(s) outside test, {folds} fold(s)): no threshold can "
+                               f"be chosen; {fix}")
 
 
 def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunDir) -> Config:
@@ -211,7 +280,7 @@ def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunD
     for key in sorted(set(SPLIT_KEYS) & given):
         mine, theirs = current[key], frozen.get(key)
         if key in ("data.data", "data.test_data"):
-            mine = hash_path(mine) if mine else None  # the split stores only a hash of its paths
+            mine = hash_path(mine, run.salt) if mine else None  # the split stores only a hash of its paths
         elif key == "data.rare" and isinstance(mine, str) and isinstance(theirs, str):
             mine, theirs = mine.lower(), theirs.lower()  # --rare is case-insensitive
         if mine != theirs:
@@ -231,7 +300,7 @@ def write_data_json(run: RunDir, summary: dict) -> None:
     can quote file names, and file names can hold patient names or IDs)."""
     content = {key: value for key, value in summary.items() if key not in ("problems", "run")}
     content["problems"] = [
-        {"file": hashlib.sha256(problem["path"].encode()).hexdigest()[:12], "kind": problem["kind"]}
+        {"file": hashlib.sha256((run.salt + problem["path"]).encode()).hexdigest()[:12], "kind": problem["kind"]}
         for problem in summary.get("problems", [])
     ]
     atomic_write_json(run.data_json, content)

@@ -40,11 +40,12 @@ def test_evidence_smoke_run_writes_its_table(tmp_path):
     out = tmp_path / "results"
     result = subprocess.run([sys.executable, str(BENCH / "evidence.py"), "--rare", "coat", "--k", "6", "--seeds", "1",
                              "--ratios", "0,1", "--fit-steps", "4", "--sweep-steps", "4", "--test-per-class", "20",
+                             "--other-per-class", "20", "--in-process",
                              "--device", "cpu", "--work", str(tmp_path / "work"), "--out-dir", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     evidence = json.loads((out / "evidence-coat-k6.json").read_text())
-    assert evidence["n_test_pos"] == 20 and evidence["n_test_neg"] == 180
+    assert evidence["n_test_pos"] == 20 and evidence["n_test_neg"] == 180 and evidence["n_other"] == 20
     methods = {key.split("|")[1] for key in evidence["table"]}
     assert methods == {"loft", "datadream", "chimera", "classprompt", "classic"}
     for row in evidence["table"].values():

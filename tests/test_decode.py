@@ -180,6 +180,28 @@ def test_mr_window_matches_pydicom() -> None:
     assert float(decoded.pixels[0][raw == raw.max()].min()) > float(decoded.pixels[0][raw == raw.min()].max())
 
 
+def test_negative_rescale_slope_with_a_window_matches_pydicom_and_is_not_black(tmp_path) -> None:
+    """RescaleSlope -1 (rescaled = intercept - stored) with a window on the rescaled values: pydicom's window
+    output then runs from a larger y_min to a smaller y_max; scaled by that signed range the image keeps its
+    contrast, and a larger rescaled value is brighter (it had decoded all black)."""
+    ds = pydicom.dcmread(_testdata("MR_small.dcm"))
+    ds.RescaleSlope, ds.RescaleIntercept = -1, 4000
+    ds.WindowCenter, ds.WindowWidth = 4000 - 600, 1600
+    path = tmp_path / "negative-slope.dcm"
+    ds.save_as(path)
+    decoded = decode(path).pixels[0]
+    rescaled = apply_modality_lut(ds.pixel_array, ds)
+    windowed = apply_voi_lut(rescaled, ds).astype(np.float64)
+    bits = int(ds.BitsStored)
+    stored_low, stored_high = (0.0, 2.0**bits - 1) if int(ds.PixelRepresentation) == 0 else (
+        -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+    y_min, y_max = stored_low * -1 + 4000, stored_high * -1 + 4000  # pydicom's output range, y_min > y_max
+    np.testing.assert_allclose(decoded, np.clip((windowed - y_min) / (y_max - y_min), 0, 1), atol=1e-6)
+    assert decoded.mean() > 0.05 and decoded.std() > 0.05
+    raw = ds.pixel_array
+    assert float(decoded[raw == raw.min()].min()) > float(decoded[raw == raw.max()].max())  # larger rescaled: brighter
+
+
 def test_voi_lut_sequence_scaled_by_lut_depth() -> None:
     """A VOI LUT Sequence is preferred over a window and scaled by its own 16-bit entry range."""
     ds = _dataset("vlut_04.dcm")
@@ -227,6 +249,18 @@ def test_compressed_dicom_without_decoder_names_syntax_and_package() -> None:
     assert "JPEG Lossless" in message
     assert "pylibjpeg" in message or "gdcm" in message
 
+
+
+def test_12_bit_jpeg_error_names_the_decoder_package() -> None:
+    """Pillow refuses 12-bit JPEG without naming a package; the one line names what decodes it."""
+    path = _testdata("JPEG-lossy.dcm")
+    try:
+        decode(path)
+    except DecodeError:
+        message = _error_message(path)
+        assert "JPEG Extended" in message and "pip install pylibjpeg pylibjpeg-libjpeg" in message
+    else:
+        pytest.skip("a 12-bit JPEG decoder is installed here")
 
 def test_truncated_dicom_pixel_data_is_one_line_error() -> None:
     """Short pixel data is reported with the file and syntax instead of a pydicom traceback."""

@@ -60,7 +60,7 @@ def test_two_process_fit_equals_one_process(invoke, folder_data, tmp_path):
     for a, b in zip(index_one, index_two):
         assert float(a["final_loss"]) == pytest.approx(float(b["final_loss"]), rel=1e-3)
     assert len(rows(loras_two / "losses.csv")) == len(rows(loras_one / "losses.csv")) == 6 * 4
-    assert not list(loras_two.glob("*.part-*.csv")) and not list((loras_two / "checkpoints").glob("*.pt"))
+    assert not list(loras_two.glob("*.part-*.csv")) and not list((loras_two / "checkpoints").glob("*.ckpt.safetensors"))
     timings = (two / "timings.json").read_text()
     assert timings.count('"fit loft"') == 1
 

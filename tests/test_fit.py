@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import pathlib
+import pickle
 
 import pytest
 import torch
@@ -43,7 +45,7 @@ def test_fit_writes_loras_that_plain_diffusers_loads(invoke, folder_data, tmp_pa
     losses = read_csv(loras / "losses.csv")
     assert len(losses) == 6 * len(train_ids)
     assert (run / "stages" / "fit-loft.yaml").exists()
-    assert not list((loras / "checkpoints").glob("*.pt"))  # finished jobs leave no checkpoint
+    assert not list((loras / "checkpoints").glob("*.ckpt.safetensors"))  # finished jobs leave no checkpoint
 
     # Plain diffusers loads the file; its UNet output equals the bank's with the same factors.
     tiny = build_tiny_components(seed=0)
@@ -101,10 +103,17 @@ def test_resume_after_interruption_gives_the_same_weights(invoke, folder_data, t
     code, _, err = invoke(*fit_args(folder_data, tmp_path / "resumed", *extra))
     assert code == 130 and "resume" in err
     resumed = tmp_path / "resumed" / "loras" / "loft"
-    assert len(list((resumed / "checkpoints").glob("*.pt"))) == 1
+    checkpoint, = (resumed / "checkpoints").glob("*.ckpt.safetensors")
     done_before = {r["image_id"] for r in read_csv(resumed / "index.csv")}
     assert len(done_before) == 3  # the first chunk finished
     monkeypatch.setattr(fit_module._Progress, "advance", original)
+    # A pickle planted in its place (a shared file system, a copied run) is refused in one line, never run.
+    saved, marker = checkpoint.read_bytes(), tmp_path / "payload-ran"
+    checkpoint.write_bytes(pickle.dumps(_Payload(str(marker))))
+    code, _, err = invoke(*fit_args(folder_data, tmp_path / "resumed", "--seed", "3"))
+    assert code == 2 and str(checkpoint) in err and "never loaded" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+    checkpoint.write_bytes(saved)
     # Resumed without --batch-size: the default (sized to the device) must not change the chunking.
     code, out, err = invoke(*fit_args(folder_data, tmp_path / "resumed", "--seed", "3"))
     assert code == 0, err
@@ -112,6 +121,16 @@ def test_resume_after_interruption_gives_the_same_weights(invoke, folder_data, t
     for path in (tmp_path / "straight" / "loras" / "loft").glob("*.safetensors"):
         a, b = load_file(path), load_file(resumed / path.name)
         assert all(torch.equal(a[k], b[k]) for k in a), path.name
+
+
+class _Payload:
+    """Unpickling this writes a file: the proof that a loader ran a planted pickle's code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.marker), "ran"))
 
 
 def _with_checkpoint_every(every):

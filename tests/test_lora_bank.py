@@ -150,13 +150,21 @@ def assert_same_factors(left: dict, right: dict, atol: float) -> None:
     assert worst <= atol, f"max difference {worst}"
 
 
+def in_float64(tiny: dict, data: TrainData) -> tuple[dict, TrainData]:
+    """float64 on both sides: Adam divides by sqrt(v), so the tiny A gradients of the first steps turn
+    float32 rounding (which differs between CPUs) into ~3e-5 factor differences; float64 leaves the algorithm."""
+    return ({**tiny, "unet": copy.deepcopy(tiny["unet"]).double()},
+            TrainData(data.ids, data.posteriors.double(), data.embeds.double(), data.scaling_factor))
+
+
 def test_bank_training_equals_each_adapter_trained_alone_with_peft(tiny, tmp_path):
-    data = train_data(tiny, 3)
+    tiny, data = in_float64(tiny, train_data(tiny, 3))
     config = fit_config(steps=4, max_grad_norm=0.05)  # small max norm: clipping is active and per adapter
     together = train_with_bank(tiny, data, config, [[0, 1, 2]], tmp_path)
     for row, image_id in enumerate(data.ids):
         alone = train_alone_with_peft(tiny, data, config, row)
-        assert_same_factors(together[image_id], alone, atol=2e-5)
+        assert next(iter(alone.values())).dtype == torch.float64
+        assert_same_factors(together[image_id], alone, atol=1e-10)
         assert together[image_id][next(k for k in alone if k.endswith(".B"))].abs().max() > 0  # it trained
 
 

@@ -116,8 +116,9 @@ def test_export_of_dicom_writes_plain_pngs_without_patient_tags(dicom_data, tmp_
     out = tmp_path / "export"
     code, _, err = _invoke("export", "--run", run, "--ratio", "0", "--out", out)
     assert code == 0, err
-    files = [p for p in out.rglob("*") if p.is_file() and p.name != "manifest.csv"]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.csv", ".rareaug")]
     assert files and all(p.suffix == ".png" for p in files)
+    assert (out / ".rareaug").is_file()  # inspect leaves the export out if it ever lands in a data folder
     for path in [*files, out / "manifest.csv"]:
         data = path.read_bytes()
         assert b"Doe^Jane" not in data and b"PID-SECRET" not in data

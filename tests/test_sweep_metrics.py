@@ -111,17 +111,28 @@ def test_choose_threshold_is_pure():
         np.testing.assert_array_equal(before[1], s_val)
 
 
-def test_bootstrap_draws_equal_metrics_on_each_resample():
-    """The vectorised resample scoring (padded, multilabel sklearn calls) matches binary_metrics per resample."""
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_draws_equal_metrics_on_each_resample(ties):
+    """The vectorised resample scoring (count matrices, one sort) matches sklearn's metrics per resample,
+    tied scores included, and is undefined (NaN) exactly where the metric is."""
     y, s = _scored(60, seed=5)
+    if ties:
+        s = np.round(s, 1)  # many images share a score: one operating point each, as in sklearn's curves
     groups = [f"p{i % 17}" for i in range(60)]
-    chunk = list(resample_indices(groups, 60, 25, seed=1)) + [np.array([0, 1, 2]), np.array([7, 7])]
-    for threshold in (0.5, -1.0, 2.0):
+    negatives, positives = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    chunk = list(resample_indices(groups, 60, 25, seed=1)) + [
+        np.array([0, 1, 2]), np.array([7, 7]), negatives[:5], positives[:4], np.array([positives[0]] * 3)]
+    for threshold in (0.5, -1.0, 2.0, float(np.median(s))):
         draws = _draws(y, s, threshold, chunk, METRICS)
         for j, idx in enumerate(chunk):
             ref = _compute(y[idx], s[idx], threshold)
+            undefined = {"precision"} if not (s[idx] >= threshold).any() else set()  # nothing called rare
+            if not y[idx].any():  # no rare image: a rate over rare images is undefined, not 0
+                undefined |= {"recall", "f1", "pr_auc", "auroc", "sens_at_95spec"}
             for k in METRICS:
-                if not math.isnan(draws[k][j]):
+                if math.isnan(ref[k]) or k in undefined:
+                    assert math.isnan(draws[k][j]), (k, j, threshold)
+                else:
                     assert draws[k][j] == pytest.approx(ref[k], abs=1e-12), (k, j, threshold)
 
 

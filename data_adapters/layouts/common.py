@@ -19,6 +19,25 @@ def visible_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+RAREAUG_MARKER = ".rareaug"  # written into every run directory and export folder rareaug creates
+
+
+def is_rareaug_folder(folder: Path) -> bool:
+    """A run directory or export folder rareaug made (runs from before the marker: split.csv beside stages/)."""
+    return (folder / RAREAUG_MARKER).exists() or ((folder / "split.csv").is_file() and (folder / "stages").is_dir())
+
+
+def rareaug_folders(root: Path) -> list[Path]:
+    """The outermost rareaug folders below `root` (root itself excluded)."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if here != root and is_rareaug_folder(here):
+            found.append(here)
+            dirnames[:] = []
+    return sorted(found)
+
+
 def image_files(folder: Path) -> list[Path]:
     return [path for path in visible_files(folder) if is_image_file(path)]
 

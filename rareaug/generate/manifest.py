@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from data_adapters.decode import SYNTHETIC_MARKER
+
 from .. import __version__
 from ..io import atomic_write_bytes, atomic_write_text
 
@@ -31,7 +33,7 @@ def save_png(path: Path, image: torch.Tensor, grayscale: bool, variant: str, poo
     array = image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(array.mean(axis=2).round().astype(np.uint8), "L") if grayscale else Image.fromarray(array, "RGB")
     info = PngInfo()
-    info.add_text("rareaug:synthetic", "true")
+    info.add_text(SYNTHETIC_MARKER, "true")  # inspect refuses such files as real data
     info.add_text("rareaug:version", __version__)
     info.add_text("rareaug:variant", variant)
     info.add_text("rareaug:pool_index", str(pool_index))

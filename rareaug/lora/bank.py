@@ -38,7 +38,8 @@ class LoRABankLinear(nn.Module):
         self.base = base
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.routing = routing
-        factory = {"device": base.weight.device, "dtype": torch.float32}
+        # Factors train in float32 under fp16/bf16 bases, and stay float64 under a float64 base (the exactness tests).
+        factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
         self.lora_A = nn.Parameter(torch.zeros(n_a, rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(n_b, base.out_features, rank, **factory))
 

@@ -1,7 +1,6 @@
 """LoRA files: diffusers/peft key format, so `pipe.load_lora_weights(path)` loads what `fit` writes."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -48,12 +47,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     return load_file(str(path)), metadata
-
-
-def torch_bytes(content: object) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(content, buffer)
-    return buffer.getvalue()
 
 
 def bank_from_lora_files(model, paths: list[Path], targets=None, prefix: str = UNET_PREFIX):

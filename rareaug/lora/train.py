@@ -22,9 +22,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
 from ..config import FitConfig
-from ..io import atomic_write_bytes
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .bank import LoRABank
-from .files import torch_bytes
 
 
 def unit_generator(seed: int, key: str) -> torch.Generator:
@@ -68,6 +67,15 @@ def draw_training_sample(posterior: torch.Tensor, generator: torch.Generator, sc
     return noisy, target, timestep
 
 
+CHECKPOINT_SUFFIX = ".ckpt.safetensors"
+
+
+def checkpoint_path(folder: Path, key: str) -> Path:
+    """A job's resume state: safetensors + JSON (rareaug.checkpoint), never a pickle, so a file planted in a
+    run directory cannot run code when `fit` resumes. (Older runs' `.pt` pickles are ignored, never read.)"""
+    return folder / f"{key}{CHECKPOINT_SUFFIX}"
+
+
 def amp_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
     """bf16 autocast where the GPU has it, fp16 with loss scaling otherwise, fp32 on the CPU."""
     if device.type != "cuda":
@@ -102,7 +110,7 @@ class JobRunner:
                                     num_training_steps=self.fit.steps)
         scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
         state = {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}
-        checkpoint = self.checkpoint_dir / f"{job.key}.pt"
+        checkpoint = checkpoint_path(self.checkpoint_dir, job.key)
         if checkpoint.exists():
             state = self._restore(checkpoint, job, optimizer, lr_schedule, scaler, generators)
 
@@ -189,7 +197,8 @@ class JobRunner:
         with autocast:
             embeds = self._embeds(rows)
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        dtype = torch.promote_types(prediction.dtype, torch.float32)  # float32 at least; float64 stays float64
+        return F.mse_loss(prediction.to(dtype), target.to(dtype), reduction="none").mean(dim=(1, 2, 3))
 
     def _embeds(self, rows: list[int]) -> torch.Tensor:
         if self.text_bank is None:
@@ -207,7 +216,8 @@ class JobRunner:
         if job.method != "loft":
             torch.nn.utils.clip_grad_norm_(params, max_norm)
             return
-        squares = sum(p.grad.float().pow(2).flatten(1).sum(dim=1) for p in params)  # (slots,)
+        squares = sum(p.grad.to(torch.promote_types(p.grad.dtype, torch.float32)).pow(2).flatten(1).sum(dim=1)
+                      for p in params)  # (slots,)
         coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         for p in params:
             p.grad.mul_(coef.view(-1, *([1] * (p.grad.ndim - 1))).to(p.grad.dtype))
@@ -222,10 +232,10 @@ class JobRunner:
             "scaler": scaler.state_dict() if scaler else None,
             "generators": [g.get_state() for g in generators],
         }
-        atomic_write_bytes(path, torch_bytes(content))
+        save_checkpoint(path, content)
 
     def _restore(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators) -> dict:
-        content = torch.load(path, map_location="cpu", weights_only=False)
+        content = load_checkpoint(path)
         if (content["key"] != job.key or content["units"] != job.units
                 or tuple(content.get("slots", ())) != (self.bank.n_a, self.bank.n_b)):  # another bank size: start over
             return {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}

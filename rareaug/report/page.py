@@ -16,6 +16,7 @@ from ..config import hash_path
 from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_text
+from ..run_dir import RunDir
 from . import figures
 from .gather import ReportData, gather
 
@@ -257,13 +258,14 @@ def _provenance(data: ReportData) -> str:
                "<p class=\"muted\">sweep-ratio includes the pools it generated on demand.</p>") if timing_rows else (
         "<p>No stage times recorded.</p>")
     versions = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in data.versions.items())
-    configs = "".join(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(_without_paths(text))}</pre>"
+    salt = RunDir(data.run).salt
+    configs = "".join(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(_without_paths(text, salt))}</pre>"
                       "</details>" for name, text in data.stages.items())
     return (f"<h2>How this run was made</h2>{timings}<p>Versions: {versions}.</p>"
             f"<p>Resolved configuration of each stage (a local path appears as its last part and a hash):</p>{configs}")
 
 
-def _without_paths(text: str) -> str:
+def _without_paths(text: str, salt: str) -> str:
     """Stage configs hash the data paths already; model and weight paths are shortened here too."""
     try:
         content = yaml.safe_load(text) or {}
@@ -274,7 +276,7 @@ def _without_paths(text: str) -> str:
         value = (content.get(section) or {}).get(key)
         if isinstance(value, str) and ("/" in value or "\\" in value) and (value.startswith((".", "~", "/")) or
                                                                            value.count("/") > 1):
-            content[section][key] = f"{Path(value).name} (path {hash_path(value)})"
+            content[section][key] = f"{Path(value).name} (path {hash_path(value, salt)})"
     return yaml.safe_dump(content, sort_keys=False)
 
 

@@ -30,7 +30,7 @@ from ..errors import RareaugError
 from ..fit import resolve_device
 from ..generate.manifest import Manifest, kept_rows
 from ..io import atomic_write_json, atomic_write_text
-from ..run_dir import RunDir, frozen_split, timed_stage
+from ..run_dir import RunDir, check_rare_validation, frozen_split, timed_stage
 from ..split import SplitRow
 from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
@@ -118,15 +118,14 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
     for model in models:
         if model.removeprefix("tiny-") not in known:
             raise RareaugError(f"--model {model!r} is unknown; choose from {', '.join(known)} (tiny-<name> for tests)")
+        # Fail fast: missing ImageNet or CLIP weights stop the sweep here, not after every pool is generated
+        # (on a Ray cluster the workers' caches count, not this machine's).
+        if not (sw.executor == "ray" and sw.ray_address):
+            create_classifier(model.removeprefix("tiny-"), pretrained=sw.pretrained, weights_path=sw.weights,
+                              tiny=model.startswith("tiny-"), clip_model=sw.clip_model)
     rows, config, _ = frozen_split(config, given)
-    folds = config.split.folds
-    for fold in range(folds):  # before any pool is made: a threshold needs rare validation images
-        validation = [r for r in rows if r.rare and r.split != "test" and (r.fold == fold if folds > 1 else r.split == "val")]
-        if not validation:
-            raise RareaugError(f"{'fold ' + str(fold) if folds > 1 else 'validation'} has no rare image in "
-                               f"{RunDir(config.run_dir()).split_csv}: no threshold can be chosen; make a new run "
-                               "with more rare images or fewer folds")
-    run = RunDir(config.run_dir())
+    run, folds = RunDir(config.run_dir()), config.split.folds
+    check_rare_validation(rows, folds, str(run.split_csv))  # before any pool is made; old splits were not checked
     out = run.path / "sweep"
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(exist_ok=True)
