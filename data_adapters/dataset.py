@@ -49,7 +49,7 @@ def load_dataset(
     if on_bad_file not in ("skip", "fail"):
         raise DataError(f"--on-bad-file {on_bad_file!r} is unknown; choose skip or fail")
     found = scan_layout(Path(root).expanduser(), layout)
-    found = without_rareaug_folders(found)
+    found = without_unnameable_files(without_rareaug_folders(found))
     if not found.records:
         raise DataError(f"{found.root}: no images found for layout {found.layout!r}; check --data and --layout")
     if on_bad_file == "fail" and found.problems:
@@ -87,6 +87,26 @@ def without_rareaug_folders(found: Scan) -> Scan:
         Problem(prefix.rstrip("/"), f"a rareaug run or export folder ({inside[prefix]} image(s) left out); keep "
                 "runs and exports outside the data folder", "rareaug folder") for prefix in prefixes]
     return dataclasses.replace(found, records=kept, problems=problems)
+
+
+def without_unnameable_files(found: Scan) -> Scan:
+    """A file name that is not valid UTF-8 (bytes from another system's encoding) cannot be written to split.csv
+    or shown faithfully: it is skipped as a problem, with the fix."""
+    def unnameable(record) -> bool:
+        try:
+            record.rel_path.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    bad = [record for record in found.records if unnameable(record)]
+    if not bad:
+        return found
+    problems = list(found.problems) + [
+        Problem(record.rel_path.encode("utf-8", "backslashreplace").decode("utf-8"),
+                "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)", "file name not UTF-8")
+        for record in bad]
+    return dataclasses.replace(found, records=[r for r in found.records if not unnameable(r)], problems=problems)
 
 
 def match_class(found: Scan, rare: str) -> str:

@@ -55,6 +55,12 @@ def user_errors(command):
         except USER_ERRORS as error:
             error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as error:  # an unwritable or impossible path, a full disk: the path and the fix, no traceback
+            where = error.filename or "a file"
+            error_console.print(f"[bold red]error:[/] {escape(str(where))}: {escape(error.strerror or str(error))}; "
+                                "check that the path exists, is a folder where one is needed, and that you may "
+                                "write there (and that the disk has room)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             error_console.print("interrupted; finished outputs are kept, rerun the same command to resume")
             raise typer.Exit(130) from None

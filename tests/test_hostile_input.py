@@ -2,6 +2,8 @@
 never a traceback, and nothing recorded that blocks the corrected command. Each case is a row; add rows."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import write_image
@@ -169,3 +171,47 @@ def test_missing_imagenet_weights_stop_the_sweep_before_any_pool_is_made(invoke,
     err = one_line(invoke, "sweep-ratio", "--run", run, "--model", "resnet18")
     assert "ImageNet weights not found" in err and "--no-pretrained" in err
     assert not (run / "synthetic").exists() and not (run / "loras").exists()
+
+
+def test_an_impossible_run_path_is_one_line(invoke, tmp_path):
+    data = small_data(tmp_path / "data")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = one_line(invoke, "inspect", "--data", data, "--rare", "crack", "--run", blocker / "run")
+    assert str(blocker) in err and "check that the path exists" in err
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_the_fix(invoke, tmp_path):
+    import json
+    import os
+
+    data = small_data(tmp_path / "data")
+    odd = os.path.join(os.fsencode(data / "normal"), b"caf\xe9.png")  # latin-1 bytes, as a Windows share may hold
+    with open(odd, "wb") as handle:
+        handle.write((data / "normal" / "n0.png").read_bytes())
+    run = tmp_path / "run"
+    code, out, err = invoke("inspect", "--json", "--data", data, "--rare", "crack", "--run", run)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert "file name not UTF-8" in {problem["kind"] for problem in summary["problems"]}
+    assert summary["classes"]["normal"] == 8 and (run / "split.csv").is_file()
+
+
+def test_an_unreadable_class_folder_is_one_line(invoke, tmp_path, monkeypatch):
+    data = small_data(tmp_path / "data")
+    locked = data / "normal"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root reads every folder: refuse the listing as a mount would
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == os.fspath(locked):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    locked.chmod(0)
+    try:
+        err = one_line(invoke, "inspect", "--data", data, "--rare", "crack")
+        assert str(locked) in err and "chmod" in err
+    finally:
+        locked.chmod(0o755)

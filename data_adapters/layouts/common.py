@@ -13,7 +13,7 @@ from ..records import DataError
 def visible_files(folder: Path) -> list[Path]:
     """Every non-hidden file below `folder`, sorted, so ids never depend on the filesystem's order."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_unreadable):
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         found.extend(Path(dirpath) / name for name in filenames if not name.startswith(".") and name != "Thumbs.db")
     return sorted(found)
@@ -36,6 +36,12 @@ def rareaug_folders(root: Path) -> list[Path]:
             found.append(here)
             dirnames[:] = []
     return sorted(found)
+
+
+def _unreadable(error: OSError) -> None:
+    """os.walk skips a folder it cannot list without a word; a class folder missing silently skews the data."""
+    raise DataError(f"{error.filename}: cannot be listed ({error.strerror}); fix its permissions (e.g. chmod a+rx) "
+                    "or move it out of the data folder")
 
 
 def image_files(folder: Path) -> list[Path]:
