@@ -235,7 +235,8 @@ def pool_fidelity(run: Path, rare: str, table: dict) -> dict:
 
 def _guard(run: Path) -> dict:
     return {pool.variant: {"made": len(pool.rows), "rejected": len(pool.rejected),
-                           "threshold": pool.summary.get("guard_threshold")}
+                           "rule": pool.summary.get("guard_rule", "absolute"), "ratio": pool.summary.get("guard_ratio"),
+                           "threshold": pool.summary.get("guard_threshold"), "stopped": pool.summary.get("stop_reason")}
             for pool in read_pools(run / "synthetic")}
 
 
@@ -287,10 +288,14 @@ def markdown(e: dict) -> str:
         diversity = f"{p['diversity']:.3f} ({p['diversity_metric']}, {p['diversity_ratio']:g}×)" if "diversity" in p else "—"
         estimate = ", ".join(f"{v:.0%} ({m})" for m, v in p["estimate"].items()) or "—"
         lines.append(f"| {variant} | {p['images']} | {p['judged_rare']:.0%} | {others} | {diversity} | {estimate} |")
-    lines += ["", "## Memorisation guard", "", "| pool | made | rejected | threshold |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Memorisation guard", "", "| pool | made | rejected | rule | ratio / threshold |",
+              "| --- | --- | --- | --- | --- |"]
     for variant, g in e["guard"].items():
-        threshold = f"{g['threshold']:.3f}" if isinstance(g["threshold"], (int, float)) else "—"
-        lines.append(f"| {variant} | {g['made']} | {g['rejected']} | {threshold} |")
+        rule = g.get("rule", "absolute")
+        limit = g.get("ratio") if rule == "relative" else g["threshold"]
+        limit = f"{limit:.3f}" if isinstance(limit, (int, float)) else "—"
+        lines.append(f"| {variant} | {g['made']} | {g['rejected']} | {rule} | {limit}"
+                     + (f" ({g['stopped']})" if g.get("stopped") else "") + " |")
     lines += ["", "## How it was made", "", f"- Command: `{e['command']}` ({e['date']}, {e['device']}, "
               f"{e['total_minutes']:.1f} minutes in all).",
               "- Stages: " + ", ".join(f"{k} {v:.1f} min" for k, v in e["minutes"].items()) + ".",

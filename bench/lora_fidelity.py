@@ -99,7 +99,7 @@ def measure(run: Path, rare: str, pools: dict[str, list[str]]) -> dict:
     split = [row for row in read_split(run / "split.csv") if row.rare and row.split == "train"]
     reals = torch.stack([model_input(row.abs_path, 32, "pad") for row in split]).add(1).div(2)
     real_ids = [row.id for row in split]
-    guard = Guard(reals, real_ids)
+    guard = Guard(reals, real_ids, rule="absolute")  # the rule the committed figures were measured with
     judge = cached_judge()
     found = {pool.variant: pool for pool in read_pools(run / "synthetic")}
     rows = []

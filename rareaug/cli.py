@@ -41,8 +41,17 @@ TestDataOpt = Annotated[Optional[Path], typer.Option("--test-data", help="A sepa
 TestFractionOpt = Annotated[Optional[float], typer.Option("--test-fraction", help="Share of every class held out for test (default 0.2).")]
 ValFractionOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the rest for validation (default 0.2).")]
 FoldsOpt = Annotated[Optional[int], typer.Option("--folds", help="Cross-validation folds over the non-test images (default 1).")]
+GuardRuleOpt = Annotated[Optional[str], typer.Option("--guard-rule", help="relative (default): a near-copy is much closer to one real image than to the next ones; absolute: under a fixed distance (implied by --guard-threshold).")]
+GuardRatioOpt = Annotated[Optional[float], typer.Option("--guard-ratio", help="relative rule: near-copy when closer than this x the mean distance to the next nearest real images (0.5).")]
+GuardThresholdOpt = Annotated[Optional[float], typer.Option("--guard-threshold", help="absolute rule: distance under which an image counts as a copy (default: calibrated on the real images).")]
+
 FrameOpt = Annotated[Optional[int], typer.Option("--frame", help="Frame of multi-frame DICOMs to use (default 0, the first).")]
 OnBadFileOpt = Annotated[Optional[str], typer.Option("--on-bad-file", help="skip (default): list and skip unreadable files; fail: stop.")]
+
+
+def guard_rule_of(rule: str | None, threshold: float | None) -> str | None:
+    """A threshold is a distance for the absolute rule: giving one alone picks that rule."""
+    return "absolute" if rule is None and threshold is not None else rule
 
 
 def user_errors(command):
@@ -195,7 +204,9 @@ def generate(
     fold: Annotated[Optional[int], typer.Option("--fold", help="Fuse only the LoRAs of images outside this fold.")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="classprompt only: the model to sample (LoRA methods use the one they were fitted on).")] = None,
     guard: Annotated[Optional[bool], typer.Option("--guard/--no-guard", help="Reject near-copies of real images (on by default).")] = None,
-    guard_threshold: Annotated[Optional[float], typer.Option("--guard-threshold", help="Distance under which an image counts as a copy (default: calibrated on the real images).")] = None,
+    guard_rule: GuardRuleOpt = None,
+    guard_ratio: GuardRatioOpt = None,
+    guard_threshold: GuardThresholdOpt = None,
     guard_distance: Annotated[Optional[str], typer.Option("--guard-distance", help="ssim (1 - SSIM, no weights needed) or lpips.")] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
@@ -210,6 +221,7 @@ def generate(
         generate__lam=lam, generate__beta_alpha=beta_alpha, generate__k=k, generate__dirichlet_alpha=dirichlet_alpha,
         generate__guidance=guidance, generate__steps=steps, generate__scheduler=scheduler,
         generate__batch_size=batch_size, generate__fold=fold, generate__base_model=base_model, generate__guard=guard,
+        generate__guard_rule=guard_rule_of(guard_rule, guard_threshold), generate__guard_ratio=guard_ratio,
         generate__guard_threshold=guard_threshold, generate__guard_distance=guard_distance,
     )
     for one_class in cfg.per_rare_class():
@@ -240,7 +252,9 @@ def sweep_ratio(
     gpus_per_cell: Annotated[Optional[float], typer.Option("--gpus-per-cell", help="ray: GPUs per cell; 0.5 puts two cells on a GPU (default 0).")] = None,
     cpus_per_cell: Annotated[Optional[float], typer.Option("--cpus-per-cell", help="ray: CPUs (and torch threads) per cell (default 1).")] = None,
     generate_steps: Annotated[Optional[int], typer.Option("--generate-steps", help="Sampling steps for pools made on demand.")] = None,
-    guard_threshold: Annotated[Optional[float], typer.Option("--guard-threshold", help="Guard threshold for pools made on demand (default: calibrated).")] = None,
+    guard_rule: GuardRuleOpt = None,
+    guard_ratio: GuardRatioOpt = None,
+    guard_threshold: GuardThresholdOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -254,7 +268,8 @@ def sweep_ratio(
         sweep__batch_size=batch_size, sweep__input_size=input_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
         sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
         sweep__ray_address=ray_address, sweep__gpus_per_cell=gpus_per_cell, sweep__cpus_per_cell=cpus_per_cell,
-        sweep__generate_steps=generate_steps, generate__guard_threshold=guard_threshold,
+        sweep__generate_steps=generate_steps, generate__guard_rule=guard_rule_of(guard_rule, guard_threshold),
+        generate__guard_ratio=guard_ratio, generate__guard_threshold=guard_threshold,
     )
     sweep_classes(cfg.per_rare_class(), given, console=console)
 

@@ -105,7 +105,9 @@ class GenerateConfig:
     fold: int | None = None
     base_model: str | None = None  # classprompt only; LoRA methods use the base model they were fitted on
     guard: bool = True
-    guard_threshold: float | None = None
+    guard_rule: str = "relative"  # relative: nearest real vs the next nearest ones (Carlini et al.); absolute
+    guard_ratio: float = 0.5  # relative rule: a near-copy is closer than this x the distance to the next reals
+    guard_threshold: float | None = None  # absolute rule: the distance (default: calibrated on the real images)
     guard_distance: str = "ssim"
     max_attempts: int = 3
 
@@ -317,6 +319,13 @@ def check_config(config: Config) -> None:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if gen.guard_distance not in ("ssim", "lpips"):
         raise RareaugError(f"--guard-distance {gen.guard_distance!r} is unknown; use ssim or lpips")
+    if gen.guard_rule not in ("relative", "absolute"):
+        raise RareaugError(f"--guard-rule {gen.guard_rule!r} is unknown; use relative or absolute")
+    if not 0.0 < gen.guard_ratio <= 1.0:
+        raise RareaugError(f"--guard-ratio must be in (0, 1], got {gen.guard_ratio}")
+    if gen.guard_rule == "relative" and gen.guard_threshold is not None:
+        raise RareaugError("--guard-threshold is a distance for --guard-rule absolute; drop it, or add "
+                           "--guard-rule absolute (guard_rule: absolute in a recipe)")
     if gen.ratio is not None and gen.ratio < 0:
         raise RareaugError(f"--ratio must be 0 or more, got {gen.ratio}")
     if gen.guidance < 0:

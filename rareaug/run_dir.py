@@ -18,7 +18,7 @@ from .config import Config, SplitConfig, hash_path, stage_record
 from .errors import RareaugError
 from .io import atomic_write_json, atomic_write_text, atomic_write_yaml
 from .run_lock import lock_run
-from .split import SplitRow, make_split, read_split, write_split
+from .split import WHOLESALE_SHARE, SplitRow, duplicated_test_share, make_split, read_split, write_split
 
 MIN_RARE = 5
 FEW_RARE = 20
@@ -218,6 +218,12 @@ def load_data(config: Config) -> tuple[Dataset, Dataset | None]:
     if data.test_data:
         test = load_dataset(Path(data.test_data), None, data.rare, data.negatives, None, config.seed, data.on_bad_file,
                             data.frame)
+    if test is not None:
+        share = duplicated_test_share([r.phash for r in dataset.records], [r.phash for r in test.records])
+        if share > WHOLESALE_SHARE:
+            raise RareaugError(f"--test-data {data.test_data}: {share:.0%} of its images duplicate images in --data "
+                               f"{data.data} (perceptual hash): it is a copy of the training data, not a held-out "
+                               "test set; give a folder of images that --data does not hold")
     if dataset.rare is not None:
         n_rare = sum(record.is_rare for record in dataset.records)
         if n_rare < MIN_RARE:

@@ -247,6 +247,20 @@ def split_counts(rows: list[SplitRow]) -> dict[str, dict[str, int]]:
 
 # --- leakage ---------------------------------------------------------------------------------------
 
+WHOLESALE_SHARE = 0.5  # more than this share of --test-data duplicating --data: a copy, not a test set
+
+
+def duplicated_test_share(train_hashes: list[str], test_hashes: list[str]) -> float:
+    """Share of test images whose perceptual hash (nearly) equals a training image's: single copies are
+    warned about as leaks; a test folder that mostly copies the training data is refused."""
+    train = np.array([int(h, 16) for h in train_hashes if h], dtype=np.uint64)
+    test = [int(h, 16) for h in test_hashes if h]
+    if train.size == 0 or not test:
+        return 0.0
+    copied = sum(bool((np.bitwise_count(train ^ np.uint64(value)) <= LEAK_MAX_DISTANCE).any()) for value in test)
+    return copied / len(test)
+
+
 def find_leaks(rows: list[SplitRow], hashes: dict[str, str]) -> list[dict]:
     """Pairs of images in different splits whose perceptual hashes are (nearly) equal."""
     rows = [row for row in rows if hashes.get(row.id)]

@@ -218,12 +218,13 @@ def test_calibrated_threshold_is_the_fifth_percentile_of_real_nearest_distances(
 
     generator = torch.Generator().manual_seed(0)
     reals = torch.rand(6, 1, 32, 32, generator=generator)
-    guard = Guard(torch.cat([reals, reals[:1]]), [f"r{i}" for i in range(7)])  # r6 duplicates r0
+    guard = Guard(torch.cat([reals, reals[:1]]), [f"r{i}" for i in range(7)], rule="absolute")  # r6 duplicates r0
     distances = guard.distances(guard.reals, guard.reals).numpy()
     np.fill_diagonal(distances, np.inf)
     distances[distances < 1e-6] = np.inf
     assert guard.threshold == pytest.approx(np.percentile(distances.min(axis=1), 5))
-    assert guard.nearest(reals[2:3])[0] == ["r2"] and guard.nearest(reals[2:3])[1][0] == pytest.approx(0, abs=1e-5)
+    judged = guard.judge(reals[2:3])
+    assert judged.nearest_ids == ["r2"] and judged.distances[0] == pytest.approx(0, abs=1e-5) and judged.copies == [True]
 
 
 @pytest.mark.parametrize("method", ["classprompt", "classic"])
@@ -327,11 +328,24 @@ def test_a_slot_waiting_for_its_retry_when_interrupted_is_filled_first(invoke, r
     assert kept[:6] == expected
 
 
-def test_guard_gives_up_when_everything_looks_like_a_copy(invoke, run, monkeypatch):
+def test_a_run_of_rejections_stops_the_pool_with_a_line_and_a_count(invoke, run, monkeypatch):
+    """Never fatal: the pool stops short, says why in one line, counts it in summary.json, and a rerun stops at
+    the same place instead of burning compute again."""
+    import json
+
     monkeypatch.setattr(stage, "MAX_REJECTED_IN_A_ROW", 3)
-    code, _, err = invoke("generate", "--run", run, "--n", "4", "--steps", "3", "--batch-size", "2",
-                          "--guard-threshold", "2.0")  # 1 - SSIM never reaches 2: everything is "a copy"
-    assert code == 2 and "in a row" in err and "--guard-threshold" in err and len(err.strip().splitlines()) == 1
+    args = ("generate", "--run", run, "--n", "4", "--steps", "3", "--batch-size", "2",
+            "--guard-threshold", "2.0")  # 1 - SSIM never reaches 2: everything is "a copy"
+    code, out, err = invoke(*args)
+    assert code == 0, err
+    assert "the guard stopped the pool at 0 of 4 images" in out and "--guard-ratio" in out
+    folder = run / "synthetic" / "loft-l0.5-g2-s3"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stopped_by_guard"] and summary["kept"] == 0 and summary["rejected_slots"] >= 3
+    assert summary["guard_rule"] == "absolute" and summary["guard_threshold"] == 2.0
+    made = len(manifest(folder))
+    code, out, err = invoke(*args)
+    assert code == 0 and "stopped the pool" in out and len(manifest(folder)) == made
 
 
 def test_loras_fitted_on_other_layers_sample_on_those_layers(invoke, folder_data, tmp_path):

@@ -12,6 +12,8 @@ from data_adapters import load_dataset
 from rareaug.config import build_config
 from rareaug.split import make_split
 
+from conftest import write_image
+
 
 def _split(root, seed=0, **overrides):
     config = build_config(None, {"data.data": str(root), "data.rare": "crack", "seed": seed,
@@ -81,18 +83,32 @@ def test_frozen_split_refuses_other_data(invoke, folder_data, tmp_path):
     assert code == 2 and "--data" in err
 
 
-def test_test_data_folder_is_the_test_split_and_duplicates_are_flagged(invoke, folder_data, tmp_path):
+def test_test_data_folder_is_the_test_split_and_a_single_copy_is_flagged(invoke, folder_data, tmp_path):
     test_root = tmp_path / "held_out"
-    shutil.copytree(folder_data / "crack", test_root / "crack")  # every test image duplicates a train/val one
-    shutil.copytree(folder_data / "normal", test_root / "normal")
+    (test_root / "crack").mkdir(parents=True)
+    for i in range(6):
+        write_image(test_root / "crack" / f"t{i}.png")
+    shutil.copy(folder_data / "crack" / "crack 0 ü.png", test_root / "crack" / "copy.png")  # one train image leaks into test
+    for i in range(10):
+        write_image(test_root / "normal" / f"u{i}.png")
     code, out, err = invoke("inspect", "--json", "--data", folder_data, "--rare", "crack", "--test-data", test_root)
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["splits"]["test"] == {"crack": 10, "normal": 20}
+    assert summary["splits"]["test"] == {"crack": 7, "normal": 10}
     assert summary["splits"]["train"]["crack"] + summary["splits"]["val"]["crack"] == 10
-    assert len(summary["leaks"]) == 30
-    assert all(leak["distance"] == 0 and "test" in (leak["a_split"], leak["b_split"]) for leak in summary["leaks"])
+    assert len(summary["leaks"]) == 1 and summary["leaks"][0]["distance"] == 0
+    assert "test" in (summary["leaks"][0]["a_split"], summary["leaks"][0]["b_split"])
     assert any("possible leakage" in warning for warning in summary["warnings"])
+
+
+def test_a_test_folder_that_copies_the_data_is_refused(invoke, folder_data, tmp_path):
+    test_root = tmp_path / "held_out"
+    shutil.copytree(folder_data / "crack", test_root / "crack")  # every test image duplicates a train/val one
+    shutil.copytree(folder_data / "normal", test_root / "normal")
+    run = tmp_path / "run"
+    code, _, err = invoke("inspect", "--data", folder_data, "--rare", "crack", "--test-data", test_root, "--run", run)
+    assert code == 2 and "100% of its images duplicate" in err and str(test_root) in err
+    assert len(err.strip().splitlines()) == 1 and not (run / "split.csv").exists()
 
 
 def test_split_csv_columns_and_data_json_hold_no_paths(invoke, folder_data, tmp_path):

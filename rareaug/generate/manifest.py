@@ -21,7 +21,7 @@ from ..io import atomic_write_bytes, atomic_write_text
 
 COLUMNS = ("file", "pool_index", "class", "method", "loras", "weights", "seed", "attempt", "guidance", "steps",
            "scheduler", "prompt", "base_model", "base_model_hash", "rareaug_version", "nearest_real_id",
-           "nearest_real_distance", "kept", "reject_reason")
+           "nearest_real_distance", "guard_score", "kept", "reject_reason")
 
 
 def image_file(pool_index: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import __version__, distributed
@@ -45,6 +46,7 @@ class GenerateResult:
     rejected_attempts: int
     made_now: int
     images_per_s: float | None
+    stopped: str | None = None  # why the guard stopped the pool short of the asked count
 
 
 def variant_name(config: Config) -> str:
@@ -121,18 +123,23 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     #    Missing slots among them (a run stopped while they waited for a retry) are made like new ones,
     #    so the pool's first images never depend on its history.
     done = manifest.rows()
-    if not slots_to_make(done, target):
+    stopped = stop_reason(done, target)
+    if not slots_to_make(done, target) or stopped:
         distributed.barrier()  # everyone has looked before rank 0 merges the shards
         if distributed.is_main():
             manifest.merge()
             console.print(f"generate {variant}: the pool already holds {len(kept_rows(done))} kept image(s) "
-                          f"(asked {target}) in {folder}")
-        return GenerateResult(variant, folder, len(kept_rows(done)), _rejected(done), 0, 0, None)
+                          f"(asked {target}) in {folder}" + (f"; {escape(stopped)}" if stopped else ""), soft_wrap=True)
+        return GenerateResult(variant, folder, len(kept_rows(done)), _rejected(done), 0, 0, None, stopped)
 
     # 3. The model, the bank with this variant's LoRAs, the fusion plan, the guard.
     device = resolve_device(distributed.local_device(config.device))
     maker = _ImageMaker(config, run, sources, variant, device, console)
-    guard = Guard(maker.reals, [row.id for row in sources], gen.guard_distance, gen.guard_threshold, device)
+    guard = Guard(maker.reals, [row.id for row in sources], gen.guard_distance, gen.guard_rule, gen.guard_ratio,
+                  gen.guard_threshold, device)
+    if gen.guard and gen.method != "classic" and gen.guard_rule == "relative" and guard.neighbours == 0:
+        raise RareaugError("the relative memorization guard compares the nearest real image with the next ones: "
+                           "it needs at least 2 real rare images; set --guard-threshold D or use --no-guard")
     distributed.barrier()
     if distributed.is_main():
         run.write_stage_config("generate", variant, recorded)
@@ -149,7 +156,7 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     started = time.perf_counter()
     with progress:
         filler.task = progress.add_task("generate", total=target, completed=len(kept_rows(done)), rate="-")
-        while missing := slots_to_make(done, target):
+        while (missing := slots_to_make(done, target)) and not (stopped := stop_reason(done, target)):
             filler.fill(distributed.shard(missing))
             distributed.barrier()
             done = manifest.rows()
@@ -158,22 +165,41 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     # 5. Rank 0 merges the shards and summarises.
     made, rejected_attempts = (sum(values) for values in zip(*distributed.gather((filler.made, filler.rejected_attempts))))
     result = GenerateResult(variant, folder, len(kept_rows(done)), _rejected(done), rejected_attempts, made,
-                            made / seconds if seconds > 0 else None)
+                            made / seconds if seconds > 0 else None, stopped)
     if distributed.is_main():
         manifest.merge()
         atomic_write_json(folder / "summary.json", {
-            "variant": variant, "method": gen.method, "kept": result.kept, "rejected_slots": result.rejected_slots,
-            "rejected_attempts_this_run": rejected_attempts, "guard": gen.guard, "guard_distance": gen.guard_distance,
-            "guard_threshold": guard.threshold, "real_images": len(sources), "base_model": maker.base_name,
-            "tiny_test_model": maker.is_tiny, "rareaug_version": __version__,
+            "variant": variant, "method": gen.method, "asked": target, "kept": result.kept,
+            "rejected_slots": result.rejected_slots, "rejected_attempts_this_run": rejected_attempts,
+            "stopped_by_guard": stopped is not None, "stop_reason": stopped, "guard": gen.guard, **guard.record(),
+            "real_images": len(sources), "base_model": maker.base_name, "tiny_test_model": maker.is_tiny,
+            "rareaug_version": __version__,
         })
         console.print(f"generate {variant}: made {made}, kept {result.kept} in the pool, {result.rejected_slots} "
                       f"slot(s) rejected, {rejected_attempts} attempt(s) retried or rejected by the guard "
-                      f"(threshold {guard.threshold:.4f}) -> {folder}"
+                      f"({guard.description}) -> {folder}"
                       + (f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else "")
                       + (" [tiny test model: not a real model]" if maker.is_tiny else ""))
+        if stopped:
+            console.print(f"[yellow]generate {variant}: {escape(stopped)}[/]", highlight=False, soft_wrap=True)
     distributed.barrier()
     return result
+
+
+def stop_reason(rows: list[dict], target: int) -> str | None:
+    """One line when the pool holds a run of MAX_REJECTED_IN_A_ROW consecutive slots rejected as near-copies
+    before it reached `target`: the LoRAs copy their images (or the guard does not fit the data), and going on
+    would only burn compute. Read from the manifest, so a rerun stops at the same place instead of retrying."""
+    if len(kept_rows(rows)) >= target:
+        return None
+    rejected = {int(row["pool_index"]) for row in rows if not is_kept(row)}
+    for slot in sorted(rejected):
+        if all(slot + k in rejected for k in range(MAX_REJECTED_IN_A_ROW)):
+            return (f"the guard stopped the pool at {len(kept_rows(rows))} of {target} images: {MAX_REJECTED_IN_A_ROW} "
+                    f"slots in a row (from slot {slot}) were near-copies of real images in every attempt; look at "
+                    "their nearest real images in manifest.csv, then lower --guard-ratio if they are not copies, or "
+                    "fit with fewer steps if they are (rerun with --force)")
+    return None
 
 
 def slots_to_make(rows: list[dict], target: int) -> list[int]:
@@ -196,41 +222,38 @@ class _PoolFiller:
     def __init__(self, maker, guard: Guard, manifest: Manifest, folder: Path, gen, batch_size: int, progress):
         self.maker, self.guard, self.manifest, self.folder, self.gen = maker, guard, manifest, folder, gen
         self.batch_size, self.progress, self.task = batch_size, progress, None
-        self.made = self.rejected_attempts = self.rejected_in_a_row = 0
+        self.made = self.rejected_attempts = 0
         self.started = time.perf_counter()
 
     def fill(self, slots: list[int]) -> None:
+        """Stops early after MAX_REJECTED_IN_A_ROW rejections in a row; the caller reads the manifest to decide."""
         gen, guard, maker = self.gen, self.guard, self.maker
         queue = collections.deque((slot, 0) for slot in slots)
-        while queue:
+        rejected_in_a_row = 0
+        while queue and rejected_in_a_row < MAX_REJECTED_IN_A_ROW:
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             images = maker.render(batch)
-            nearest_ids, distances = guard.nearest(images)
+            judged = guard.judge(images)
             new_rows = []
-            for (slot, attempt), image, near, distance in zip(batch, images, nearest_ids, distances):
-                copy_like = gen.guard and gen.method != "classic" and distance < guard.threshold
+            for (slot, attempt), image, near, distance, score, copy in zip(batch, images, judged.nearest_ids,
+                                                                           judged.distances, judged.scores, judged.copies):
+                copy_like = gen.guard and gen.method != "classic" and copy
                 if copy_like and attempt + 1 < gen.max_attempts:
                     queue.appendleft((slot, attempt + 1))  # retried in the next batch, before new slots
                     self.rejected_attempts += 1
                     continue
                 if copy_like:
                     self.rejected_attempts += 1
-                    self.rejected_in_a_row += 1
-                    new_rows.append(maker.row(slot, attempt, near, distance, kept=False,
-                                              reason=f"memorization: within {guard.threshold:.4f} of a real image "
-                                                     f"in all {gen.max_attempts} attempts"))
+                    rejected_in_a_row += 1
+                    new_rows.append(maker.row(slot, attempt, near, distance, score, kept=False,
+                                              reason=f"memorization: {guard.description} in all {gen.max_attempts} "
+                                                     "attempts"))
                     continue
                 save_png(self.folder / image_file(slot), image, maker.grayscale, maker.variant, slot)
-                new_rows.append(maker.row(slot, attempt, near, distance, kept=True, reason=""))
+                new_rows.append(maker.row(slot, attempt, near, distance, score, kept=True, reason=""))
                 self.made += 1
-                self.rejected_in_a_row = 0
+                rejected_in_a_row = 0
             self.manifest.add(new_rows)
-            if self.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
-                raise RareaugError(
-                    f"{self.rejected_in_a_row} pool slots in a row were rejected as near-copies of real images "
-                    f"(guard threshold {guard.threshold:.4f}, calibrated on the real images); see "
-                    f"{self.manifest.shard}. If they are not copies, set --guard-threshold lower; --no-guard turns "
-                    "the guard off")
             rate = self.made / (time.perf_counter() - self.started)
             self.progress.update(self.task, advance=len(kept_rows(new_rows)), rate=f"{rate:.2f}")
 
@@ -360,7 +383,8 @@ class _ImageMaker:
             requests.append(SampleRequest(a_slots, b_slots, list(mix.weights), plans.image_seed(self.seed, slot, attempt)))
         return self.sampler.sample(requests)
 
-    def row(self, slot: int, attempt: int, nearest: str, distance: float, kept: bool, reason: str) -> dict:
+    def row(self, slot: int, attempt: int, nearest: str, distance: float, score: float, kept: bool,
+            reason: str) -> dict:
         gen = self.config.generate
         mix = self.plan(slot)
         sampling = gen.method != "classic"
@@ -371,7 +395,8 @@ class _ImageMaker:
             "guidance": gen.guidance if sampling else "", "steps": gen.steps if sampling else "",
             "scheduler": gen.scheduler if sampling else "", "prompt": self.prompt if sampling else "",
             "base_model": self.base_name, "base_model_hash": self.base_hash, "rareaug_version": __version__,
-            "nearest_real_id": nearest, "nearest_real_distance": f"{distance:.6g}", "kept": int(kept),
+            "nearest_real_id": nearest, "nearest_real_distance": f"{distance:.6g}",
+            "guard_score": f"{score:.6g}", "kept": int(kept),
             "reject_reason": reason,
         }
 

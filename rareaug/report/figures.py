@@ -81,13 +81,18 @@ def diversity_curves(curves: dict[str, list[dict]]) -> bytes | None:
     return _png(fig)
 
 
-def guard_histogram(distances: list[float], threshold: float | None, rejected: int, title: str) -> bytes:
+def guard_histogram(values: list[float], limit: float | None, rejected: int, title: str,
+                    rule: str = "absolute") -> bytes:
+    """Relative rule: each image's distance ratio (nearest real / mean of the next ones) against the ratio;
+    absolute rule: the distance to the nearest real image against the threshold."""
     fig, ax = plt.subplots(figsize=(5, 3), constrained_layout=True)
-    ax.hist(distances, bins=30, color="#4c78a8")
-    if threshold is not None:
-        ax.axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.hist(values, bins=30, color="#4c78a8")
+    if limit is not None:
+        ax.axvline(limit, color="#d62728", linestyle="--", label=f"{'ratio' if rule == 'relative' else 'threshold'} "
+                                                                   f"{limit:.3f}")
         ax.legend(fontsize=8)
-    ax.set_xlabel("distance to the nearest real training image")
+    ax.set_xlabel("nearest real / mean of the next nearest reals" if rule == "relative"
+                  else "distance to the nearest real training image")
     ax.set_ylabel("synthetic images")
     ax.set_title(f"{title}: {rejected} rejected", fontsize=10)
     return _png(fig)

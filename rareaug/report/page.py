@@ -90,6 +90,10 @@ def _recommendation(data: ReportData) -> str:
     if not rows:
         return "<h2>Recommendation</h2><p>The sweep recommended no ratio (see the failed cells in summary.json).</p>"
     rule = html.escape(data.summary.get("decision_rule", ""))
+    skipped = data.summary.get("skipped_cells") or {}
+    if skipped:
+        sentences.append(f"<li>{len(skipped)} cell(s) did not run because the memorisation guard stopped their pool "
+                         f"short: {html.escape(', '.join(sorted(skipped)))} (see the guard section).</li>")
     return ("<h2>Recommendation</h2><table><tr><th>model</th><th>method</th><th>ratio</th><th>test F1</th>"
             "<th>test recall</th><th>test PR-AUC</th><th>F1 at ratio 0</th><th>F1 gain [95% CI]</th></tr>"
             + "".join(rows) + "</table><ul>" + "".join(sentences) + f"</ul><p class=\"muted\">{rule}</p>")
@@ -218,19 +222,24 @@ def _guard(data: ReportData) -> str:
     pools = [p for p in data.pools if p.rows]
     if not pools:
         return ""
-    parts = ["<h2>Memorisation guard</h2><p class=\"muted\">Each synthetic image's distance to its nearest real "
-             "training image; images under the threshold were rejected as near-copies.</p><table><tr><th>pool</th>"
-             "<th>made</th><th>kept</th><th>rejected</th><th>distance</th><th>threshold</th></tr>"]
+    parts = ["<h2>Memorisation guard</h2><p class=\"muted\">Each synthetic image against its nearest real training "
+             "image. Relative rule: a near-copy is closer to its nearest real image than the ratio times its mean "
+             "distance to the next nearest ones; absolute rule: closer than the threshold. Near-copies were "
+             "retried, then rejected.</p><table><tr><th>pool</th><th>made</th><th>kept</th><th>rejected</th>"
+             "<th>rule</th><th>distance</th><th>ratio / threshold</th><th>note</th></tr>"]
     figures_html = []
     for pool in pools:
-        threshold = pool.summary.get("guard_threshold")
-        distances = [float(r["nearest_real_distance"]) for r in pool.rows
-                     if r.get("nearest_real_distance") not in (None, "", "nan")]
+        rule = pool.summary.get("guard_rule", "absolute")  # pools made before the relative rule were absolute
+        limit = pool.summary.get("guard_ratio") if rule == "relative" else pool.summary.get("guard_threshold")
+        column = "guard_score" if rule == "relative" else "nearest_real_distance"
+        values = [float(r[column]) for r in pool.rows if r.get(column) not in (None, "", "nan")]
+        note = pool.summary.get("stop_reason") or ("guard off" if pool.summary.get("guard") is False else "")
         parts.append(f"<tr><td>{html.escape(pool.variant)}</td><td>{len(pool.rows)}</td><td>{len(pool.kept)}</td>"
-                     f"<td>{len(pool.rejected)}</td><td>{html.escape(str(pool.summary.get('guard_distance', '')))}</td>"
-                     f"<td>{_num(threshold)}</td></tr>")
-        if distances:
-            figures_html.append(_figure(figures.guard_histogram(distances, threshold, len(pool.rejected), pool.variant),
+                     f"<td>{len(pool.rejected)}</td><td>{html.escape(rule)}</td>"
+                     f"<td>{html.escape(str(pool.summary.get('guard_distance', '')))}</td><td>{_num(limit)}</td>"
+                     f"<td>{html.escape(note)}</td></tr>")
+        if values:
+            figures_html.append(_figure(figures.guard_histogram(values, limit, len(pool.rejected), pool.variant, rule),
                                         pool.variant))
     return "".join(parts) + "</table>" + "".join(figures_html)
 

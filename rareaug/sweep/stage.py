@@ -76,6 +76,7 @@ class SweepPlan:
     results: list[dict]
     todo: list  # (cell, config hash, make_data) for the cells without a valid done marker
     failed: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict = dataclasses.field(default_factory=dict)  # cell name -> why it did not run (a stopped pool)
 
 
 @timed_stage(lambda config: "sweep-ratio")
@@ -132,11 +133,12 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
     run.write_stage_config("sweep", None, config)
 
     # 2. Synthetic pools, made on demand for the largest ratio once (smaller ratios take its first images).
-    pools = {}
+    pools, stopped = {}, {}
     if any(r > 0 for r in ratios):
         for method in methods:
             for fold in range(folds):
-                pools[method, fold] = synthetic_pool(config, rows, method, fold, max(ratios), console)
+                pools[method, fold], stopped[method, fold] = synthetic_pool(config, rows, method, fold, max(ratios),
+                                                                            console)
 
     # 3. The cells: ratio 0 once per (model, seed, fold); every other ratio per method.
     cells = []
@@ -149,8 +151,11 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
 
     # 4. Each cell is skipped when its result exists under the same config hash.
     split_hash = hashlib.sha256(run.split_csv.read_bytes()).hexdigest()[:16]
-    results, todo = [], []
+    results, todo, skipped = [], [], {}
     for cell in cells:
+        if cell.ratio > 0 and len(pools[cell.method, cell.fold]) < _needed(cell, rows, folds):
+            skipped[cell.name] = stopped[cell.method, cell.fold]  # the rest of the sweep goes on without it
+            continue
         synthetic = _prefix(pools, cell, rows, folds)
         scored = _pool_samples(pools, cell)
         key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic + scored])
@@ -159,7 +164,10 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
             results.append(json.loads(marker.read_text())["row"])
         else:
             todo.append((cell, key, functools.partial(cell_data, rows, folds, cell.fold, synthetic, scored)))
-    return SweepPlan(config, rows, pools, out, len(cells), results, todo)
+    if skipped:
+        console.print(f"[yellow]sweep-ratio: {len(skipped)} cell(s) skipped, their pools stopped short by the "
+                      "memorization guard (see summary.md); the other cells go on[/]", highlight=False, soft_wrap=True)
+    return SweepPlan(config, rows, pools, out, len(cells) - len(skipped), results, todo, skipped=skipped)
 
 
 def execute(plans: list[SweepPlan], console: Console) -> None:
@@ -204,6 +212,7 @@ def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -
     _add_diversity(results, plan.pools, plan.rows, config)
     _write_metrics(out / "metrics.csv", results)
     summary = summarise(results, out, config, failed, {row.id: row.group for row in plan.rows if row.group})
+    summary["skipped_cells"] = plan.skipped
     atomic_write_json(out / "summary.json", _strict_json(summary))
     atomic_write_text(out / "summary.md", summary_markdown(summary))
     console.print(f"sweep-ratio: {len(results)} cell(s) in {out}/metrics.csv; summary in {out}/summary.md")
@@ -214,8 +223,9 @@ def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -
 
 
 def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int, max_ratio: float,
-                   console: Console) -> list[Example]:
-    """The method's pool for this fold, filled to the largest ratio, as examples in pool order."""
+                   console: Console) -> tuple[list[Example], str | None]:
+    """The method's pool for this fold, filled to the largest ratio, as examples in pool order, and why the
+    guard stopped it short (None when it is full)."""
     from ..generate.stage import generate, source_rows, variant_name
 
     folds = config.split.folds
@@ -231,17 +241,20 @@ def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int,
     cls = next(row.cls for row in rows if row.rare)
     return [Example(f"{variant}:{row['file'][:-4]}", 1, result.folder / row["file"], None, "", True, 0,
                     hashlib.sha256((result.folder / row["file"]).read_bytes()).hexdigest()[:16])
-            for row in kept if row["class"] == cls]
+            for row in kept if row["class"] == cls], result.stopped
+
+
+def _needed(cell: Cell, rows: list[SplitRow], folds: int) -> int:
+    from ..generate.stage import source_rows
+
+    return int(round(cell.ratio * len(source_rows(rows, folds, cell.fold if folds > 1 else None))))
 
 
 def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example]:
     """The first ratio x (real rare training images) kept images of the cell's pool."""
     if cell.ratio == 0:
         return []
-    from ..generate.stage import source_rows
-
-    n_real = len(source_rows(rows, folds, cell.fold if folds > 1 else None))
-    return pools[cell.method, cell.fold][:int(round(cell.ratio * n_real))]
+    return pools[cell.method, cell.fold][:_needed(cell, rows, folds)]
 
 
 POOL_SAMPLE = 100  # images of each pool a ratio-0 model scores for the pool estimate
@@ -520,6 +533,9 @@ def summary_markdown(summary: dict) -> str:
     lines = ["# Ratio sweep", "", summary["decision_rule"], ""]
     if summary["failed_cells"]:
         lines += [f"**Failed cells** (rerun to retry): {', '.join(summary['failed_cells'])}", ""]
+    for reason in sorted(set(summary.get("skipped_cells", {}).values())):
+        names = [name for name, why in summary["skipped_cells"].items() if why == reason]
+        lines += [f"**Skipped cells** ({reason}): {', '.join(names)}", ""]
     for model, methods in summary["models"].items():
         for method, entry in methods.items():
             lines += [f"## {model} · {method}", "",
