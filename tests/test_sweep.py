@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 
 import rareaug.sweep.stage as stage
@@ -279,3 +280,62 @@ def test_input_size_below_16_is_refused_in_one_line():
     with pytest.raises(RareaugError, match="--input-size must be at least 16"):
         build_config("natural", {"sweep.input_size": 8})
     assert build_config("fashion_mnist").sweep.input_size == 32
+
+
+# --- the verdict counts training noise -----------------------------------------------------------------------
+
+def _cells_on_disk(out, method: str, ratio: float, decisions_by_seed: dict[int, np.ndarray], labels: np.ndarray):
+    """Prediction files as run_cell writes them: a validation set that puts every seed's threshold between 0.1
+    and 0.9, and test scores of 0.95 (called rare) or 0.05."""
+    (out / "predictions").mkdir(exist_ok=True)
+    cells = []
+    for seed, decisions in decisions_by_seed.items():
+        name = f"{method}-r{ratio:g}-m-s{seed}-f0"
+        lines = ["id,split,label,score", "v0,val,1,0.9", "v1,val,0,0.1"]
+        lines += [f"t{i:03d},test,{int(label)},{0.95 if decided else 0.05}"
+                  for i, (label, decided) in enumerate(zip(labels, decisions))]
+        (out / "predictions" / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        cells.append({"cell": name, "method": method, "ratio": ratio, "seed": seed, "fold": 0})
+    return cells
+
+
+def _noisy_runs(n_seeds: int, n_images: int = 300):
+    """Ratio 0: every seed right on a random 70% of the test images. The chosen ratio: seed 0 right on every image,
+    the other seeds exactly as at ratio 0. One lucky seed, no change in the others."""
+    rng = np.random.default_rng(5)
+    labels = np.arange(n_images) % 3 == 0
+    before = {seed: np.where(rng.random(n_images) < 0.7, labels, ~labels) for seed in range(n_seeds)}
+    after = {seed: labels.copy() if seed == 0 else before[seed] for seed in range(n_seeds)}
+    return labels, before, after
+
+
+def test_a_gain_one_lucky_seed_makes_is_not_distinguishable_from_noise(tmp_path):
+    from rareaug.config import Config
+    from rareaug.sweep import metrics as M
+
+    labels, before, after = _noisy_runs(3)
+    baseline = _cells_on_disk(tmp_path, "none", 0.0, before, labels)
+    chosen = _cells_on_disk(tmp_path, "loft", 2.0, after, labels)
+    sw = Config().sweep
+    # Test images alone would call the gain real: every image resample keeps the lucky seed's improvement.
+    b, a = np.stack(list(before.values())), np.stack(list(after.values()))
+    image_only = [stage.mean_f1(a[:, i], labels[i]) - stage.mean_f1(b[:, i], labels[i])
+                  for i in M.resample_indices(None, len(labels), 300, 0)]
+    assert np.percentile(image_only, 2.5) > 0
+    gain = stage._gain(chosen + baseline, baseline, "loft", 2.0, tmp_path, sw, {})
+    assert gain["diff"] > 0.05 and gain["low"] <= 0 < gain["high"]
+    assert gain["verdict"] == "not distinguishable from noise" and gain["distinguishable"] is False
+    assert gain["interval_kind"] == "seeds x folds x test images" and gain["runs"] == 3
+
+
+def test_every_seed_gaining_is_distinguishable_and_two_runs_are_too_few(tmp_path):
+    from rareaug.config import Config
+
+    labels, before, _ = _noisy_runs(3)
+    better = {seed: np.where(np.arange(len(labels)) % 2 == 0, labels, d) for seed, d in before.items()}
+    baseline = _cells_on_disk(tmp_path, "none", 0.0, before, labels)
+    chosen = _cells_on_disk(tmp_path, "loft", 2.0, better, labels)
+    gain = stage._gain(chosen + baseline, baseline, "loft", 2.0, tmp_path, Config().sweep, {})
+    assert gain["low"] > 0 and gain["verdict"] == "a gain beyond noise"
+    two = stage._gain(chosen[:2] + baseline[:2], baseline[:2], "loft", 2.0, tmp_path, Config().sweep, {})
+    assert two["runs"] == 2 and two["verdict"] == "too few runs to judge" and two["distinguishable"] is False

@@ -17,6 +17,7 @@ from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_text
 from ..run_dir import RunDir
+from ..verdicts import GAIN, LOSS, TOO_FEW, gain_kind, gain_verdict
 from . import figures
 from .gather import ReportData, gather
 
@@ -100,26 +101,26 @@ def _recommendation(data: ReportData) -> str:
 
 
 def _verdict(model: str, method: str, best: float, base: dict, at: dict, gain: dict) -> str:
-    """Plain words, no stronger than the evidence: the interval covers test-set sampling only."""
+    """Plain words, no stronger than the evidence: the interval's kind and the verdict come from the sweep."""
     name = f"<b>{html.escape(method)}</b> ({html.escape(model)})"
-    runs = at.get("n_cells") or base.get("n_cells") or 0
-    caveat = (f" The interval covers the test images only, not training randomness ({runs} model(s) averaged) nor "
-              "the choice of the ratio on a small validation set.")
     if best == 0:
         return (f"{name}: validation did not favour synthetic images at any ratio. With few rare validation images "
                 "this is uncertain: compare the curves above before deciding." )
     if not gain or "diff" not in gain:
         return f"{name}: {best:g}× recommended on validation; its gain could not be tested."
-    span = f"{gain['diff']:+.3f}, 95% interval {gain['low']:+.3f} to {gain['high']:+.3f}"
+    span = (f"{gain['diff']:+.3f}, 95% interval {gain['low']:+.3f} to {gain['high']:+.3f} over "
+            f"{html.escape(gain_kind(gain))}")
     change = f"test F1 from {_num(_pooled_f1(base))} to {_num(_pooled_f1(at))} ({span})"
-    if gain["low"] > 0:
-        return (f"{name}: adding {best:g}× synthetic images raised {change}: "
-                f"<span class=\"good\">a gain beyond test-set noise</span>.{caveat}")
-    if gain["high"] < 0:
-        return (f"{name}: adding {best:g}× synthetic images lowered {change}: "
-                f"<span class=\"bad\">synthetic data hurt</span>.{caveat}")
-    return (f"{name}: {best:g}× changed {change}: <span class=\"flat\">not distinguishable from noise</span>; "
-            "do not count on a gain.")
+    verdict = gain_verdict(gain)
+    caveat = " The choice of the ratio on a small validation set is not in the interval."
+    if verdict.startswith(GAIN):
+        return f"{name}: adding {best:g}× synthetic images raised {change}: <span class=\"good\">{verdict}</span>.{caveat}"
+    if verdict.startswith(LOSS):
+        return f"{name}: adding {best:g}× synthetic images lowered {change}: <span class=\"bad\">{verdict}</span>.{caveat}"
+    if verdict.startswith(TOO_FEW):
+        return (f"{name}: {best:g}× changed {change}: <span class=\"flat\">{verdict}</span> (at least 3 seeds x folds "
+                "are needed); do not count on a gain.")
+    return f"{name}: {best:g}× changed {change}: <span class=\"flat\">{verdict}</span>; do not count on a gain."
 
 
 def _pooled_f1(entry: dict):
@@ -323,5 +324,6 @@ def _num(value) -> str:
 def _gain_cell(gain: dict) -> str:
     if not gain or "diff" not in gain:
         return "—"
-    css = "good" if gain["low"] > 0 else ("bad" if gain["high"] < 0 else "flat")
+    verdict = gain_verdict(gain)
+    css = "good" if verdict.startswith(GAIN) else ("bad" if verdict.startswith(LOSS) else "flat")
     return f"<span class=\"{css}\">{gain['diff']:+.3f}</span> [{gain['low']:+.3f}, {gain['high']:+.3f}]"

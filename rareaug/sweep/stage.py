@@ -32,6 +32,7 @@ from ..generate.manifest import Manifest, kept_rows
 from ..io import atomic_write_json, atomic_write_text
 from ..run_dir import RunDir, check_rare_validation, frozen_split, timed_stage
 from ..split import SplitRow
+from ..verdicts import GAIN, LOSS, NOISE, TOO_FEW, gain_kind, gain_verdict
 from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
 from .data import CellData, Example, ImageCache, cell_data
@@ -375,15 +376,16 @@ def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
               group_of: dict[str, str] | None = None) -> dict:
     """Per model and method: the ratio with the best validation F1 (pooled out-of-fold validation
     predictions, averaged over seeds), its test metrics, and whether its gain over ratio 0 on test is
-    distinguishable from noise (a paired bootstrap of the F1 difference on seed-averaged test scores)."""
+    distinguishable from noise (a bootstrap over runs and test images, see _gain)."""
     sw = config.sweep
     summary = {"rareaug_version": __version__, "failed_cells": failed, "pos_weight_rule": sw.pos_weight,
                "decision_rule": ("recommended ratio = highest mean validation F1 (pooled out-of-fold validation "
                                  "predictions, threshold chosen on them, averaged over seeds; ties go to the "
                                  "smaller ratio); the test set never takes part. Gain over ratio 0 = test F1 "
                                  "of the same models at those thresholds, averaged over seeds and folds; it is "
-                                 "distinguishable from noise when its 95% paired bootstrap interval (over test "
-                                 "images, whole patients when known) excludes 0."),
+                                 "distinguishable from noise when its 95% two-level paired bootstrap interval "
+                                 "(runs = seeds x folds, and test images, whole patients when known) excludes 0, "
+                                 f"with at least {MIN_RUNS} runs per cell (fewer: too few runs to judge)."),
                "models": {}}
     by_model = {}
     for row in results:
@@ -405,7 +407,7 @@ def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
             entry = {"ratios": {f"{r:g}": v for r, v in table.items()}, "recommended_ratio": best}
             if best != 0 and 0 in table:
                 entry["gain_over_ratio_0"] = _gain(rows, baseline, method, best, out, sw, group_of or {})
-            entry["synthetic_helps"] = bool(best != 0 and entry.get("gain_over_ratio_0", {}).get("distinguishable"))
+            entry["synthetic_helps"] = best != 0 and entry.get("gain_over_ratio_0", {}).get("verdict") == GAIN
             summary["models"][model][method] = entry
     summary["pool_estimates"] = pool_estimates(results, out)
     return summary
@@ -478,22 +480,51 @@ def _predictions(out: Path, cell: str) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+MIN_RUNS = 3  # fewer (seed, fold) runs per cell cannot say how much training noise moves the gain
+
+
 def _gain(rows, baseline, method, ratio, out, sw, group_of: dict[str, str]) -> dict:
     """Test F1 of the recommended ratio minus ratio 0, for the models and thresholds the table reports:
     every (seed, fold) model at its seed's pooled-validation threshold, F1 averaged over those models.
-    The 95% interval is a paired bootstrap over test images (whole patients when known), the same
-    resamples for both sides; the gain is distinguishable from noise when the interval excludes 0."""
+
+    The 95% interval is a two-level paired bootstrap: each resample draws the runs (seed x fold pairs, the
+    same runs for both sides) and the test images (whole patients when known), so it counts training noise
+    as well as test-set sampling. Resampling test images alone called gains real that a rerun with other seeds
+    reversed. The gain is distinguishable from noise when the interval excludes 0, and never with fewer than
+    MIN_RUNS runs."""
     chosen = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
+    runs = sorted({(r["seed"], r["fold"]) for r in baseline} & {(r["seed"], r["fold"]) for r in chosen})
+    baseline = sorted((r for r in baseline if (r["seed"], r["fold"]) in runs), key=lambda r: (r["seed"], r["fold"]))
+    chosen = sorted((r for r in chosen if (r["seed"], r["fold"]) in runs), key=lambda r: (r["seed"], r["fold"]))
     ids, labels, before = _test_decisions(baseline, out, sw)
     ids_b, _, after = _test_decisions(chosen, out, sw)
     if ids != ids_b:
         return {"error": "ratio 0 and the chosen ratio were tested on different images"}
     groups = [group_of.get(i, i) for i in ids]
-    differences = [mean_f1(after[:, index], labels[index]) - mean_f1(before[:, index], labels[index])
-                   for index in M.resample_indices(groups, len(ids), sw.bootstrap, 0)]
-    low, high = np.nanpercentile(differences, [2.5, 97.5])
+    kind = f"seeds x folds x test {'patients' if group_of else 'images'}"
+    low, high = two_level_interval(before, after, labels, groups, sw.bootstrap)
     diff = mean_f1(after, labels) - mean_f1(before, labels)
-    return {"diff": float(diff), "low": float(low), "high": float(high), "distinguishable": bool(low > 0 or high < 0)}
+    enough = len(runs) >= MIN_RUNS
+    distinguishable = enough and bool(low > 0 or high < 0)
+    verdict = (TOO_FEW if not enough else GAIN if distinguishable and low > 0
+               else LOSS if distinguishable else NOISE)
+    return {"diff": float(diff), "low": float(low), "high": float(high), "distinguishable": distinguishable,
+            "verdict": verdict, "runs": len(runs), "interval_kind": kind}
+
+
+def two_level_interval(before: np.ndarray, after: np.ndarray, labels: np.ndarray, groups: list, n_boot: int,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean_f1(after) - mean_f1(before) when runs (rows, paired between the two
+    sides) and test images (columns, by group) are both resampled with replacement."""
+    rng = np.random.default_rng(seed + 1)
+    n_runs = before.shape[0]
+    differences = []
+    for index in M.resample_indices(groups, len(labels), n_boot, seed):
+        picked = rng.integers(0, n_runs, n_runs)
+        differences.append(mean_f1(after[picked][:, index], labels[index])
+                           - mean_f1(before[picked][:, index], labels[index]))
+    low, high = np.nanpercentile(differences, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _test_decisions(cells: list[dict], out: Path, sw) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -553,9 +584,9 @@ def summary_markdown(summary: dict) -> str:
                 lines.append(f"Recommendation: **{entry['recommended_ratio']:g}×** among the ratios swept; ratio 0 "
                              "was not in --ratios, so there is no baseline to say whether synthetic data helps.")
             elif gain and "diff" in gain:
-                verdict = "distinguishable from noise" if gain["distinguishable"] else "**not** distinguishable from noise"
                 lines.append(f"Recommendation: **{entry['recommended_ratio']:g}×**. Test F1 gain over ratio 0: "
-                             f"{gain['diff']:+.3f} (95% interval {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}.")
+                             f"{gain['diff']:+.3f} (95% interval over {gain_kind(gain)}: {gain['low']:+.3f} to "
+                             f"{gain['high']:+.3f}): **{gain_verdict(gain)}**.")
             lines.append("")
     for model, pools in summary.get("pool_estimates", {}).items():
         lines += [f"## Pools judged by {model} trained on real images only (an estimate)", "",
