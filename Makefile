@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test clean
+.PHONY: demo test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q
+
+# Errors only (pyflakes' checks and syntax), whatever ruff configuration the machine has.
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --isolated --select E9,F rareaug data_adapters tests bench
 
 clean:
 	rm -rf $(VENV) runs

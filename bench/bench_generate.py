@@ -80,7 +80,6 @@ def reference_way(base, paths, steps, guidance, images, resolution, device) -> d
     seconds = time.perf_counter() - start
     result = {"images": images, "images_per_s": images / seconds, "adapters_loaded": len(paths),
               "peak_gib": peak_gib(device)}
-    del pipe
     return result
 
 

@@ -251,6 +251,7 @@ def sweep_ratio(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="ray: auto or host:port joins a running cluster (default: start a local one).")] = None,
     gpus_per_cell: Annotated[Optional[float], typer.Option("--gpus-per-cell", help="ray: GPUs per cell; 0.5 puts two cells on a GPU (default 0).")] = None,
     cpus_per_cell: Annotated[Optional[float], typer.Option("--cpus-per-cell", help="ray: CPUs (and torch threads) per cell (default 1).")] = None,
+    group_cells: Annotated[Optional[int], typer.Option("--group-cells", help="local: cells of one model trained at once as one stacked model (default 16 on a GPU, 1 on a CPU).")] = None,
     generate_steps: Annotated[Optional[int], typer.Option("--generate-steps", help="Sampling steps for pools made on demand.")] = None,
     guard_rule: GuardRuleOpt = None,
     guard_ratio: GuardRatioOpt = None,
@@ -268,6 +269,7 @@ def sweep_ratio(
         sweep__batch_size=batch_size, sweep__input_size=input_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
         sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
         sweep__ray_address=ray_address, sweep__gpus_per_cell=gpus_per_cell, sweep__cpus_per_cell=cpus_per_cell,
+        sweep__group_cells=group_cells,
         sweep__generate_steps=generate_steps, generate__guard_rule=guard_rule_of(guard_rule, guard_threshold),
         generate__guard_ratio=guard_ratio, generate__guard_threshold=guard_threshold,
     )

@@ -141,6 +141,7 @@ class SweepConfig:
     ray_address: str | None = None  # None: start a local Ray instance; "auto" or host:port: join a cluster
     gpus_per_cell: float = 0.0  # Ray resources per cell (fractions share a GPU)
     cpus_per_cell: float = 1.0
+    group_cells: int | None = None  # cells trained at once as one stacked model (default: 16 on a GPU, 1 on a CPU)
     generate_steps: int | None = None  # sampling steps for pools made on demand (default: generate's)
 
 
@@ -348,6 +349,8 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--pos-weight {sweep.pos_weight!r} is unknown; use train or real")
     if sweep.executor not in ("local", "ray"):
         raise RareaugError(f"--executor {sweep.executor!r} is unknown; use local or ray")
+    if sweep.group_cells is not None and sweep.group_cells < 1:
+        raise RareaugError(f"--group-cells must be at least 1, got {sweep.group_cells}")
     if sweep.gpus_per_cell < 0 or sweep.cpus_per_cell <= 0:
         raise RareaugError(f"--gpus-per-cell must be 0 or more and --cpus-per-cell more than 0, got "
                            f"{sweep.gpus_per_cell:g} and {sweep.cpus_per_cell:g}")

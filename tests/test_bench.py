@@ -52,3 +52,14 @@ def test_evidence_smoke_run_writes_its_table(tmp_path):
         assert row["f1"]["low"] <= row["f1"]["mean"] <= row["f1"]["high"]
     text = (out / "evidence-coat-k6.md").read_text()
     assert "## loft (resnet18)" in text and "Memorisation guard" in text and "rareaug sweep-ratio" in text
+
+
+def test_sweep_benchmark_runs_and_writes_its_summary(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_sweep.py"), "--device", "cpu", "--cells", "2",
+                             "--group", "2", "--steps", "2", "--out", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["alone_cells_per_minute"] > 0 and summary["grouped"]["2"]["cells_per_minute"] > 0
+    assert summary["command"].startswith("python bench/bench_sweep.py")

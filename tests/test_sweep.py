@@ -339,3 +339,19 @@ def test_every_seed_gaining_is_distinguishable_and_two_runs_are_too_few(tmp_path
     assert gain["low"] > 0 and gain["verdict"] == "a gain beyond noise"
     two = stage._gain(chosen[:2] + baseline[:2], baseline[:2], "loft", 2.0, tmp_path, Config().sweep, {})
     assert two["runs"] == 2 and two["verdict"] == "too few runs to judge" and two["distinguishable"] is False
+
+
+def test_a_sweep_trained_in_groups_gives_the_results_of_one_cell_at_a_time(swept, tmp_path, invoke):
+    """--group-cells trains the pending cells of one model as one stacked model; the figures do not change."""
+    run = shutil.copytree(swept, tmp_path / "run")
+    for marker in (run / "sweep" / "cells").glob("*.json"):
+        marker.unlink()
+    code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1,2", "--methods", "loft,classic", *GRID,
+                          "--group-cells", "5")
+    assert code == 0, err
+    alone = {row["cell"]: row for row in metrics(swept)}
+    grouped = {row["cell"]: row for row in metrics(run)}
+    assert grouped.keys() == alone.keys() and len(grouped) == 5
+    for name, row in grouped.items():
+        for key in ("pr_auc", "auroc", "best_step", "n_synth"):
+            assert float(row[key]) == pytest.approx(float(alone[name][key]), abs=1e-3), (name, key)

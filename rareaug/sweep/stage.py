@@ -37,6 +37,7 @@ from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
 from .data import CellData, Example, ImageCache, cell_data
 from .diversity import diversity
+from .group import train_group
 from .train import class_weights, positive_weight, scores, train_cell
 
 TEST_METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
@@ -47,7 +48,9 @@ METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_ra
                   "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
 
 BASELINE = "none"
-EXECUTION = ("executor", "ray_address", "gpus_per_cell", "cpus_per_cell")  # where cells run, not what they compute
+# Where and how cells run, not what they compute (a grouped cell equals the cell alone within float rounding).
+EXECUTION = ("executor", "ray_address", "gpus_per_cell", "cpus_per_cell", "group_cells")
+GROUP_ON_GPU = 16  # cells trained at once by default on a GPU; on a CPU one at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +200,28 @@ def execute(plans: list[SweepPlan], console: Console) -> None:
         for plan in plans:
             device = resolve_device(plan.config.device)
             caches: dict[int, ImageCache] = {}
-            for cell, key, data in plan.todo:
-                progress.update(task, cell=cell.name)
+            size = plan.config.sweep.group_cells or (GROUP_ON_GPU if device.type == "cuda" else 1)
+            for group in _groups(plan.todo, size):
+                progress.update(task, cell=group[0][0].name + (f" (+{len(group) - 1})" if len(group) > 1 else ""))
                 try:
-                    row = run_cell(cell, data(), plan.config, caches, device, plan.out)
-                except Exception as error:  # one failing cell must not lose the others
-                    finished(plan, cell, key, None, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+                    cells = [(cell, data()) for cell, _, data in group]
+                    rows = (run_cells(cells, plan.config, caches, device, plan.out) if len(cells) > 1 else
+                            [run_cell(*cells[0], plan.config, caches, device, plan.out)])
+                except Exception as error:  # one failing cell (or group) must not lose the others
+                    for cell, key, _ in group:
+                        finished(plan, cell, key, None, f"{type(error).__name__}: {error}\n"
+                                                        f"{traceback.format_exc(limit=3)}")
                     continue
-                finished(plan, cell, key, row, None)
+                for (cell, key, _), row in zip(group, rows):
+                    finished(plan, cell, key, row, None)
+
+
+def _groups(todo: list, size: int) -> list[list]:
+    """Pending cells in runs of at most `size` that share an architecture (they train as one stacked model)."""
+    by_model: dict[str, list] = {}
+    for item in todo:
+        by_model.setdefault(item[0].model, []).append(item)
+    return [items[start:start + size] for items in by_model.values() for start in range(0, len(items), size)]
 
 
 def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -> dict:
@@ -280,7 +297,37 @@ def _cell_hash(cell: Cell, config: Config, split_hash: str, synthetic_ids: list[
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class CellJob:
+    """What a cell's training needs: its fresh model, images, positive weight and seed."""
+
+    cell: Cell
+    data: CellData
+    model: torch.nn.Module
+    cache: ImageCache
+    pos_weight: float
+    weights: torch.Tensor | None
+    seed: int
+
+
 def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: torch.device, out: Path) -> dict:
+    job = prepare_cell(cell, data, config, caches)
+    outcome = train_cell(job.model, data, job.cache, config.sweep, config.recipe.augment, job.pos_weight, job.seed,
+                         device, job.weights)
+    return finish_cell(job, outcome, config, device, out)
+
+
+def run_cells(cells: list[tuple[Cell, CellData]], config: Config, caches: dict, device: torch.device,
+              out: Path) -> list[dict]:
+    """Cells of one architecture trained at once (sweep/group.py); each result as run_cell gives it."""
+    jobs = [prepare_cell(cell, data, config, caches) for cell, data in cells]
+    outcomes = train_group([j.model for j in jobs], [j.data for j in jobs], jobs[0].cache, config.sweep,
+                           config.recipe.augment, [j.pos_weight for j in jobs], [j.seed for j in jobs], device,
+                           [j.weights for j in jobs])
+    return [finish_cell(job, outcome, config, device, out) for job, outcome in zip(jobs, outcomes)]
+
+
+def prepare_cell(cell: Cell, data: CellData, config: Config, caches: dict) -> CellJob:
     sw = config.sweep
     if not data.val or not any(e.label for e in data.val):
         raise RareaugError(f"cell {cell.name}: no rare image in validation; the split cannot pick a threshold")
@@ -299,8 +346,13 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
     weights = class_weights(sw.pos_weight, data, real_train, n_classes) if sw.task == "multiclass" else None
     if weights is not None:
         pos_weight = float(weights[0])  # the rare class's weight, reported in the same column
-    outcome = train_cell(model, data, cache, sw, config.recipe.augment, pos_weight, seed, device, weights)
+    return CellJob(cell, data, model, cache, pos_weight, weights, seed)
 
+
+def finish_cell(job: CellJob, outcome, config: Config, device: torch.device, out: Path) -> dict:
+    """Threshold from validation, test metrics with intervals, the pool's scores, the predictions file."""
+    cell, data, model, cache, pos_weight, seed, sw = (job.cell, job.data, job.model, job.cache, job.pos_weight,
+                                                      job.seed, config.sweep)
     val_labels = [e.label for e in data.val]
     test_labels = [e.label for e in data.test]
     threshold = M.choose_threshold(val_labels, outcome.val_scores, sw.threshold_rule, sw.target_sensitivity)
@@ -320,7 +372,7 @@ def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: t
         "task": sw.task, "pos_weight_rule": sw.pos_weight, "pos_weight": pos_weight, "threshold": threshold,
         **{key: test[key] for key in TEST_METRICS},
         **{f"{key}_ci_{end}": intervals[key][i] for key in TEST_METRICS for i, end in enumerate(("low", "high"))},
-        "n_real_neg": sum(1 for e in real_train if not e.label), "n_val_pos": val["n_pos"], "n_val_neg": val["n_neg"],
+        "n_real_neg": sum(1 for e in data.train if not e.synthetic and not e.label), "n_val_pos": val["n_pos"], "n_val_neg": val["n_neg"],
         "recall_at_0.5": half["recall"], "precision_at_0.5": half["precision"], "f1_at_0.5": half["f1"],
         "val_f1": val["f1"], "best_step": outcome.best_step, "n_test_pos": test["n_pos"], "n_test_neg": test["n_neg"],
     }
