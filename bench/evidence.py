@@ -292,7 +292,7 @@ def markdown(e: dict) -> str:
         f"{e['folds']} fold(s). Threshold and recommended ratio from validation only.",
         "",
         "Each cell: test metric averaged over seeds (and folds) at each run's validation threshold, with a 95% "
-        "bootstrap interval over the test images; ± is the SD of test F1 between seeds. ← marks the ratio "
+        "bootstrap interval over the test images; ± is the SD of test F1 between runs (seeds x folds). ← marks the ratio "
         "recommended on validation. Ratio 0 (no synthetic images) is the same models in every table.",
         "",
         "## Headline: validation's choices only",
@@ -307,7 +307,7 @@ def markdown(e: dict) -> str:
     for key in sorted({k.rsplit("|", 1)[0] for k in e["table"]}):
         model, method = key.split("|")
         lines += [f"## {method} ({model})", "",
-                  "| ratio | synthetic | val F1 | test F1 [95% CI] | ± seeds | recall [95% CI] | PR-AUC [95% CI] | diversity |",
+                  "| ratio | synthetic | val F1 | test F1 [95% CI] | ± runs | recall [95% CI] | PR-AUC [95% CI] | diversity |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row_key in sorted((k for k in e["table"] if k.startswith(key + "|")), key=lambda k: float(k.rsplit("|", 1)[1])):
             ratio = float(row_key.rsplit("|", 1)[1])

@@ -63,3 +63,19 @@ def test_sweep_benchmark_runs_and_writes_its_summary(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["alone_cells_per_minute"] > 0 and summary["grouped"]["2"]["cells_per_minute"] > 0
     assert summary["command"].startswith("python bench/bench_sweep.py")
+
+
+def test_readme_headlines_equal_the_committed_evidence():
+    """Every headline table in the README is exactly what bench/evidence.py's headline() makes of the committed
+    JSON: validation's choices only, the figures as measured."""
+    import re
+
+    sys.path.insert(0, str(BENCH))
+    import evidence
+
+    readme = (BENCH.parent / "README.md").read_text()
+    blocks = re.findall(r"<!-- headline: (\S+) model=(\S+) -->\n(.*?)\n<!-- /headline -->", readme, re.S)
+    assert blocks, "the README has no headline block"
+    for path, model, text in blocks:
+        committed = json.loads((BENCH.parent / path).read_text())
+        assert text.strip() == evidence.headline(committed, model).strip(), path
