@@ -92,21 +92,20 @@ def without_rareaug_folders(found: Scan) -> Scan:
 def without_unnameable_files(found: Scan) -> Scan:
     """A file name that is not valid UTF-8 (bytes from another system's encoding) cannot be written to split.csv
     or shown faithfully: it is skipped as a problem, with the fix."""
-    def unnameable(record) -> bool:
+    kept, bad = [], []
+    for record in found.records:
         try:
             record.rel_path.encode("utf-8")
+            kept.append(record)
         except UnicodeEncodeError:
-            return True
-        return False
-
-    bad = [record for record in found.records if unnameable(record)]
+            bad.append(record)
     if not bad:
         return found
     problems = list(found.problems) + [
         Problem(record.rel_path.encode("utf-8", "backslashreplace").decode("utf-8"),
                 "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)", "file name not UTF-8")
         for record in bad]
-    return dataclasses.replace(found, records=[r for r in found.records if not unnameable(r)], problems=problems)
+    return dataclasses.replace(found, records=kept, problems=problems)
 
 
 def match_class(found: Scan, rare: str) -> str:

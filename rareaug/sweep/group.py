@@ -12,16 +12,14 @@ checkpoints; torch.func gives the stacking and vmap, the loop is train_cell's.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
-from diffusers.optimization import get_scheduler
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import AugmentConfig, SweepConfig
 from .data import CellData, ImageCache
-from .train import CellOutcome, _adamw, _criterion, _loss, augment, scores
+from .train import CellOutcome, _adamw, _criterion, _loss, autocast, cosine_schedule, is_check_step, next_batch, scores
 
 
 def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: SweepConfig,
@@ -55,23 +53,17 @@ def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: S
     batched = vmap(forward, in_dims=(0, 0, 0), randomness="different")
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     optimizer = _adamw(list(params.values()), sweep)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, sweep.steps // 20),
-                             num_training_steps=sweep.steps)
+    schedule = cosine_schedule(optimizer, sweep)
     losses_weight = [(torch.tensor([w]) if wt is None else wt).to(device) for w, wt in zip(pos_weights, weights)]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    eval_every = sweep.eval_every or max(1, sweep.steps // 10)
     best = [(float("inf"), 0, copy.deepcopy(model.state_dict())) for model in models]
     orders: list[list[int]] = [[] for _ in models]
     for step in range(1, sweep.steps + 1):
         batches, chosen = [], []
         for k, cell in enumerate(cells):  # each cell draws exactly as train_cell would
-            if len(orders[k]) < sweep.batch_size:
-                orders[k] += torch.randperm(len(cell.train), generator=generators[k]).tolist()
-            picks, orders[k] = orders[k][:sweep.batch_size], orders[k][sweep.batch_size:]
-            examples = [cell.train[i] for i in picks]
+            examples, images, orders[k] = next_batch(cell, orders[k], sweep, generators[k], cache, augment_config)
             chosen.append(examples)
-            batches.append(augment(cache.batch(examples), augment_config, generators[k]))
-        with amp:
+            batches.append(images)
+        with autocast(device):
             logits = batched(params, buffers, torch.stack(batches).to(device)).float()
         loss = sum(_criterion(logits[k], chosen[k], losses_weight[k], weights[k] is not None)
                    for k in range(len(cells)))
@@ -79,7 +71,7 @@ def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: S
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % eval_every == 0 or step == sweep.steps:
+        if is_check_step(step, sweep):
             for k, (model, cell) in enumerate(zip(models, cells)):
                 _load_slice(model, params, buffers, k)
                 val_loss = _loss(model, cell.val, cache, losses_weight[k], device) if cell.val else float(step)

@@ -38,7 +38,7 @@ from .classifiers import create_classifier, list_classifiers
 from .data import CellData, Example, ImageCache, cell_data
 from .diversity import diversity
 from .group import train_group
-from .train import class_weights, positive_weight, scores, train_cell
+from .train import class_weights, positive_weight, scores
 
 TEST_METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
 METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_real_neg", "n_synth", "n_train",
@@ -311,15 +311,13 @@ class CellJob:
 
 
 def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: torch.device, out: Path) -> dict:
-    job = prepare_cell(cell, data, config, caches)
-    outcome = train_cell(job.model, data, job.cache, config.sweep, config.recipe.augment, job.pos_weight, job.seed,
-                         device, job.weights)
-    return finish_cell(job, outcome, config, device, out)
+    return run_cells([(cell, data)], config, caches, device, out)[0]
 
 
 def run_cells(cells: list[tuple[Cell, CellData]], config: Config, caches: dict, device: torch.device,
               out: Path) -> list[dict]:
-    """Cells of one architecture trained at once (sweep/group.py); each result as run_cell gives it."""
+    """Cells of one architecture trained at once (sweep/group.py; one cell trains alone, train_cell); each
+    result as the row of metrics.csv."""
     jobs = [prepare_cell(cell, data, config, caches) for cell, data in cells]
     outcomes = train_group([j.model for j in jobs], [j.data for j in jobs], jobs[0].cache, config.sweep,
                            config.recipe.augment, [j.pos_weight for j in jobs], [j.seed for j in jobs], device,

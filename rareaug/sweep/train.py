@@ -65,34 +65,52 @@ def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, aug
     model.to(device)
     params = list(model.trainable_parameters())
     optimizer = _adamw(params, sweep)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, sweep.steps // 20),
-                             num_training_steps=sweep.steps)
+    schedule = cosine_schedule(optimizer, sweep)
     weight = (torch.tensor([pos_weight]) if weights is None else weights).to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    eval_every = sweep.eval_every or max(1, sweep.steps // 10)
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     order: list[int] = []
     for step in range(1, sweep.steps + 1):
         model.train()
-        if len(order) < sweep.batch_size:  # epochs of seeded permutations
-            order += torch.randperm(len(cell.train), generator=generator).tolist()
-        picks, order = order[:sweep.batch_size], order[sweep.batch_size:]
-        examples = [cell.train[i] for i in picks]
-        images = augment(cache.batch(examples), augment_config, generator).to(device)
-        with amp:
-            logits = model(images).float()
+        examples, images, order = next_batch(cell, order, sweep, generator, cache, augment_config)
+        with autocast(device):
+            logits = model(images.to(device)).float()
         loss = _criterion(logits, examples, weight, weights is not None)
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % eval_every == 0 or step == sweep.steps:
+        if is_check_step(step, sweep):
             val_loss = _loss(model, cell.val, cache, weight, device) if cell.val else float(step)
             if val_loss < best[0]:
                 best = (val_loss, step, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
     return CellOutcome(scores(model, cell.val, cache, device), scores(model, cell.test, cache, device), best[1],
                        best[0], pos_weight)
+
+
+def next_batch(cell: CellData, order: list[int], sweep: SweepConfig, generator: torch.Generator, cache: ImageCache,
+               augment_config: AugmentConfig) -> tuple[list[Example], torch.Tensor, list[int]]:
+    """The next batch of a cell's training images, augmented, and the rest of its order: epochs of seeded
+    permutations, so a cell draws the same batches whether it trains alone or in a group."""
+    if len(order) < sweep.batch_size:
+        order = order + torch.randperm(len(cell.train), generator=generator).tolist()
+    picks, order = order[:sweep.batch_size], order[sweep.batch_size:]
+    examples = [cell.train[i] for i in picks]
+    return examples, augment(cache.batch(examples), augment_config, generator), order
+
+
+def cosine_schedule(optimizer, sweep: SweepConfig):
+    return get_scheduler("cosine", optimizer, num_warmup_steps=max(1, sweep.steps // 20),
+                         num_training_steps=sweep.steps)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def is_check_step(step: int, sweep: SweepConfig) -> bool:
+    """Validation-loss checks: every eval_every steps (default a tenth of the run) and at the last step."""
+    return step % (sweep.eval_every or max(1, sweep.steps // 10)) == 0 or step == sweep.steps
 
 
 def _adamw(params, sweep: SweepConfig) -> torch.optim.AdamW:
