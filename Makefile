@@ -24,9 +24,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q
 
-# Errors only (pyflakes' checks and syntax), whatever ruff configuration the machine has.
+# ruff (rules in pyproject.toml: errors, style, import order, a complexity limit) and the import contracts
+# (stages never import each other; library modules never import a stage).
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check --isolated --select E9,F rareaug data_adapters tests bench
+	$(VENV)/bin/ruff check rareaug data_adapters tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs

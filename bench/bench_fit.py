@@ -12,7 +12,6 @@ weights. Every figure is printed as one JSON line the moment it is measured; the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import sys
@@ -25,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rareaug.config import FitConfig  # noqa: E402
 from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank  # noqa: E402
-from rareaug.lora.train import Job, JobRunner, TrainData, amp_settings  # noqa: E402
+from rareaug.device import amp_context, amp_settings  # noqa: E402
+from rareaug.lora.train import Job, JobRunner, TrainData  # noqa: E402
 
 from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
 import common  # noqa: E402
@@ -67,7 +67,7 @@ def reference_way(unet, scheduler, latent, context, device, steps: int, warmup: 
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     amp_dtype, _ = amp_settings(device)
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    autocast = amp_context(amp_dtype)
     embeds = torch.randn(1, 77, context, device=device, dtype=unet.dtype)
     reset_peak(device)
 
@@ -148,7 +148,7 @@ def flops_per_adapter_step(unet, latent, context, device) -> float:
     x = torch.randn(1, 4, latent, latent, device=device, dtype=unet.dtype)
     embeds = torch.randn(1, 77, context, device=device, dtype=unet.dtype)
     amp_dtype, _ = amp_settings(device)
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    autocast = amp_context(amp_dtype)
     with FlopCounterMode(display=False) as counter, bank.route([0]), autocast:
         model(x, torch.tensor([500], device=device), embeds).sample.float().pow(2).mean().backward()
     del model, bank

@@ -27,7 +27,7 @@ from rareaug.generate import plans  # noqa: E402
 from rareaug.generate.sampler import BankSampler, SampleRequest, make_scheduler  # noqa: E402
 from rareaug.lora.bank import LoRABank  # noqa: E402
 from rareaug.lora.files import bank_from_lora_files, to_diffusers_state  # noqa: E402
-from rareaug.lora.train import amp_settings  # noqa: E402
+from rareaug.device import amp_settings  # noqa: E402
 
 PROMPT = "a photo of a crack"
 

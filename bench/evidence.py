@@ -36,13 +36,14 @@ from rareaug.models.mini import MINI_FOLDER  # noqa: E402
 from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset,  # noqa: E402
                                            write_class_folders)
 from rareaug.report.gather import package_versions, read_pools  # noqa: E402
-from rareaug.fit import device_label, resolve_device  # noqa: E402
+from rareaug.config import LORA_METHODS  # noqa: E402
+from rareaug.device import device_label, resolve_device  # noqa: E402
 from rareaug.io import atomic_write_text, read_json  # noqa: E402
+from rareaug.run_dir import RunDir  # noqa: E402
 from rareaug.split import read_split  # noqa: E402
 from rareaug.sweep.curves import cells_at, group_intervals, patient_groups  # noqa: E402
 from rareaug.verdicts import gain_kind, gain_verdict  # noqa: E402
 
-LORA_METHODS = ("loft", "datadream", "chimera")
 BASELINES = ("classprompt", "classic")
 FULL_RATIOS, QUICK_RATIOS = "0,1,2,4,10,20", "0,2,10"
 N_OTHER = 300
@@ -202,7 +203,7 @@ def _versions() -> dict[str, str]:
 
 def _intervals(run: Path, cells: list[dict]) -> dict:
     """Seed (and fold) mean of each test metric with a 95% bootstrap interval over the test images."""
-    found = group_intervals(run / "sweep", cells, SHOWN, patient_groups(read_split(run / "split.csv")), n_boot=1000,
+    found = group_intervals(RunDir(run), cells, SHOWN, patient_groups(read_split(run / "split.csv")), n_boot=1000,
                             seed=0)
     return {name: {"mean": mean, "low": low, "high": high} for name, (mean, low, high) in found.items()}
 

@@ -3,6 +3,7 @@ drew make images of that garment, and do fused pairs?
 
     python bench/lora_fidelity.py --rare pullover            # the evidence split's LoRAs, recipe defaults
     python bench/lora_fidelity.py --rare pullover --rank 4   # a variant (rank, --steps, --lr), its own run folder
+    python bench/lora_fidelity.py --rare pullover --guidance 4   # sampling only: reuses the fit of the same LoRAs
 
 It runs the CLI a user would: `fit --method loft` on the evidence split (k real rare images + 300 of each other
 class, the draw `bench/evidence.py` makes), then `generate` three pools with the guard off (near-copies are
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from evidence import _relative, _versions, judged_shares, run_rareaug, write_data  # noqa: E402
 
+from rareaug.config import build_config  # noqa: E402
 from rareaug.generate.guard import Guard  # noqa: E402
 from rareaug.images import model_input  # noqa: E402
 from rareaug.io import atomic_write_text, read_json  # noqa: E402
@@ -50,26 +52,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps (recipe default)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (recipe default)")
     parser.add_argument("--lr", type=float, default=None, help="LoRA learning rate (recipe default)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (recipe default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=None, help="run folder (default runs/lora-fidelity-<class>[-tag])")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    variant = {name: value for name, value in (("steps", args.steps), ("rank", args.rank), ("lr", args.lr))
-               if value is not None}
+    fitted = {name: value for name, value in (("steps", args.steps), ("rank", args.rank), ("lr", args.lr))
+              if value is not None}
+    variant = {**fitted, **({"guidance": args.guidance} if args.guidance is not None else {})}
     tag = f"lora-fidelity-{args.rare}" + "".join(f"-{name}{value:g}" for name, value in variant.items())
-    work = args.work or ROOT / "runs" / tag
+    # The run folder is named by the LoRAs' settings only: a sampling variant reuses their fit (fit resumes).
+    work = args.work or ROOT / "runs" / (f"lora-fidelity-{args.rare}" +
+                                         "".join(f"-{name}{value:g}" for name, value in fitted.items()))
     started = time.monotonic()
     data, test = write_data(work, (args.work.parent if args.work else ROOT / "runs"), args.rare, args.k, 10,
                             parser.error)
     run = _relative(work / "run")
     common = ["--config", "fashion_mnist", "--run", str(run), "--device", args.device]
     fit = ["fit", *common, "--data", str(_relative(data)), "--test-data", str(_relative(test)), "--rare", args.rare,
-           "--method", "loft", *sum(([f"--{name}", f"{value:g}"] for name, value in variant.items()), [])]
+           "--method", "loft", *sum(([f"--{name}", f"{value:g}"] for name, value in fitted.items()), [])]
     run_rareaug(fit)
     n_loras = sum(1 for row in read_split(ROOT / run / "split.csv") if row.rare and row.split == "train")
     n = n_loras * args.per_lora
     pools = {"lambda 1": ["--method", "loft", "--lambda", "1"], "lambda 0.5": ["--method", "loft", "--lambda", "0.5"],
              "classprompt": ["--method", "classprompt"]}
+    if args.guidance is not None:
+        pools = {name: [*options, "--guidance", f"{args.guidance:g}"] for name, options in pools.items()}
     commands = [fit]
     for name, options in pools.items():
         command = ["generate", *common, *options, "--n", str(n), "--no-guard"]
@@ -134,7 +142,11 @@ def measure(run: Path, rare: str, pools: dict[str, list[str]]) -> dict:
 def _variant_of(found: dict, options: list[str]) -> str:
     method = options[options.index("--method") + 1]
     prefix = method + (f"-l{float(options[options.index('--lambda') + 1]):g}-" if "--lambda" in options else "-")
-    matches = [name for name in found if name.startswith(prefix)]
+    guidance = options[options.index("--guidance") + 1] if "--guidance" in options else None
+    matches = [name for name in found if name.startswith(prefix) and found[name].summary.get("method") == method
+               and (guidance is None or f"-g{float(guidance):g}-" in name)]
+    if guidance is None and len(matches) > 1:  # the recipe's guidance: the pool without another's in its name
+        matches = [name for name in matches if f"-g{build_config('fashion_mnist').generate.guidance:g}-" in name]
     if len(matches) != 1:
         raise SystemExit(f"expected one {prefix}* pool, found {matches}")
     return matches[0]

@@ -2,9 +2,9 @@
 from .dataset import NEGATIVE_RULES, Dataset, load_dataset
 from .decode import Decoded, DecodeError, decode, load_mask, mask_box
 from .layouts import detect_layout, list_layouts
-from .records import DataError, Problem, Record, Scan
+from .records import DataError, Problem, Record, Scan, one_line
 
 __all__ = [
     "NEGATIVE_RULES", "Dataset", "load_dataset", "Decoded", "DecodeError", "decode", "load_mask", "mask_box",
-    "detect_layout", "list_layouts", "DataError", "Problem", "Record", "Scan",
+    "detect_layout", "list_layouts", "DataError", "Problem", "Record", "Scan", "one_line",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 from .decode import DecodeError, Decoded, decode
 from .layouts import scan as scan_layout
 from .layouts.common import rareaug_folders
-from .records import DataError, Problem, Record, Scan
+from .records import DataError, Problem, Record, Scan, one_line
 
 NEGATIVE_RULES = ("normal", "all-other")
 OTHER_FINDINGS = "other findings"
@@ -182,7 +182,7 @@ def _probe_one(record: Record, frame: int = 0) -> DecodeError | None:
         return error
     except Exception as error:  # a decoder bug on one file must not stop a 100k-image scan
         return DecodeError(f"{record.path}: could not decode ({type(error).__name__}: "
-                           f"{' '.join(str(error).split())[:160]})", "decoder failure")
+                           f"{one_line(error, 160)})", "decoder failure")
     if decoded.synthetic:
         return DecodeError(f"{record.path}: made by rareaug (its PNG carries the synthetic marker), so never real "
                            "data; move it out of the data folder", "synthetic image")

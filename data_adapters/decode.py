@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .records import one_line
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -83,9 +85,9 @@ def decode_picture(path: Path) -> Decoded:
             image = ImageOps.exif_transpose(image)  # a phone photo is shown upright, so train on it upright
             pixels, bit_depth = _picture_to_array(image)
     except Image.DecompressionBombError as error:
-        raise DecodeError(f"{path}: image too large to decode safely ({_one_line(error)})", "too large") from None
+        raise DecodeError(f"{path}: image too large to decode safely ({one_line(error)})", "too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DecodeError(f"{path}: not a readable image ({_one_line(error)}); re-export or remove it",
+        raise DecodeError(f"{path}: not a readable image ({one_line(error)}); re-export or remove it",
                           "unreadable image") from None
     return Decoded(pixels=pixels, mode=mode, bit_depth=bit_depth, original_size=original_size, synthetic=synthetic)
 
@@ -139,7 +141,7 @@ def decode_dicom(path: Path, frame: int = 0) -> Decoded:
     try:
         ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as error:
-        raise DecodeError(f"{path}: not a readable DICOM file ({_one_line(error)})", "unreadable DICOM") from None
+        raise DecodeError(f"{path}: not a readable DICOM file ({one_line(error)})", "unreadable DICOM") from None
     if "PixelData" not in ds:
         raise DecodeError(f"{path}: DICOM file without pixel data (a report or structured document?); remove it",
                           "DICOM without pixel data")
@@ -225,9 +227,9 @@ def _dicom_pixel_error(path: Path, ds, error: Exception) -> str:
     if syntax is not None and getattr(syntax, "is_compressed", False):
         # pydicom named no package (e.g. Pillow tried 12-bit JPEG and gave up): name the decoders for the family.
         packages = next((names for prefix, names in _DECODERS if str(syntax).startswith(prefix)), _ANY_DECODER)
-        return (f"{path}: cannot decode DICOM transfer syntax '{syntax_name}' here ({_one_line(error)[:120]}); "
+        return (f"{path}: cannot decode DICOM transfer syntax '{syntax_name}' here ({one_line(error)[:120]}); "
                 f"install a decoder: pip install {packages}")
-    return f"{path}: cannot decode DICOM pixel data ({syntax_name}): {_one_line(error)}"
+    return f"{path}: cannot decode DICOM pixel data ({syntax_name}): {one_line(error)}"
 
 
 # Which pip packages decode which compressed transfer syntaxes (pydicom's pixel-data handler table).
@@ -240,18 +242,13 @@ _DECODERS = (
 _ANY_DECODER = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 
 
-def _one_line(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return text[:200] or type(error).__name__
-
-
 def load_mask(path: Path) -> np.ndarray:
     """Masks are any non-zero pixel; returned as bool (H, W)."""
     try:
         with Image.open(path) as image:
             array = np.asarray(ImageOps.exif_transpose(image).convert("L"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DecodeError(f"{path}: mask not readable ({_one_line(error)})", "unreadable mask") from None
+        raise DecodeError(f"{path}: mask not readable ({one_line(error)})", "unreadable mask") from None
     return array > 0
 
 

@@ -9,6 +9,13 @@ class DataError(Exception):
     """The data cannot be used as given; the message is one line naming the file and the fix."""
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """A library's error message as one line of at most `limit` characters, for a message of ours that names
+    the file and the fix around it (the one formatter every module uses)."""
+    text = " ".join(str(error).split())
+    return text[:limit] or type(error).__name__
+
+
 @dataclasses.dataclass
 class Record:
     """One image as a layout found it. Paths stay in memory; only split.csv ever stores them."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .errors import RareaugError
@@ -45,8 +45,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Any:
     """Read what `save_checkpoint` wrote; anything else (a pickle, a damaged file) is refused in one line."""
     path = Path(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path), device=str(device))

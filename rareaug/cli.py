@@ -28,7 +28,7 @@ error_console = Console(stderr=True)
 
 # Options shared by the stage commands, defined once. `None` means "not given": recipe or default applies.
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default runs/<rare>).")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Recipe name (chest_xray, magnetic_tile, mvtec, natural) or a YAML path.")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Recipe name (chest_xray, magnetic_tile, mvtec, natural, fashion_mnist) or a YAML path.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for every random choice (default 0).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Folder of images, a dataset root, or a CSV file.")]
@@ -148,7 +148,7 @@ def fit(
     rare: RareOpt = None,
     run: RunOpt = None,
     method: Annotated[Optional[str], typer.Option("--method", help="loft (default): one LoRA per image; datadream: one per class; chimera: shared A + one B head per image.")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, or tiny.")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, mini (shipped, 32 px) or tiny (tests).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per LoRA (loft 600, datadream 400).")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (loft 2, datadream 16).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (loft 1e-3, datadream 1e-4).")] = None,
@@ -169,7 +169,7 @@ def fit(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Continue this method's fit under a different config.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start this method's fit over under a different config (its LoRAs are deleted).")] = False,
 ) -> None:
     """Train LoRAs on the rare class's training images: every per-image LoRA at once in one batched UNet pass."""
     from .fit import fit as run_fit
@@ -211,7 +211,7 @@ def generate(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Continue this variant under a different config.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start this pool over under a different config (its images are deleted).")] = False,
 ) -> None:
     """Fill a variant's ordered pool of synthetic rare images: fused LoRA pairs in large batches, guarded."""
     from .generate.stage import generate as run_generate
@@ -226,6 +226,17 @@ def generate(
     )
     for one_class in cfg.per_rare_class():
         run_generate(one_class, given, force=force, console=console)
+
+
+def pool_maker(console: Console):
+    """The sweep's pools come from the generate stage; the CLI wires the two (stages never import each other)."""
+    from .generate.stage import generate
+
+    def make_pool(config: Config) -> tuple[Path, Optional[str]]:
+        result = generate(config, set(), console=console)
+        return result.folder, result.stopped
+
+    return make_pool
 
 
 @app.command("sweep-ratio")
@@ -273,7 +284,7 @@ def sweep_ratio(
         sweep__generate_steps=generate_steps, generate__guard_rule=guard_rule_of(guard_rule, guard_threshold),
         generate__guard_ratio=guard_ratio, generate__guard_threshold=guard_threshold,
     )
-    sweep_classes(cfg.per_rare_class(), given, console=console)
+    sweep_classes(cfg.per_rare_class(), pool_maker(console), given, console=console)
 
 
 @app.command("export-mix")
@@ -286,7 +297,7 @@ def export_mix(
     fold: Annotated[Optional[int], typer.Option("--fold", help="With folds: the fold whose Chimera fit to use.")] = None,
 ) -> None:
     """Export a ChimeraLoRA head mix (shared A, B = sum of w_i B_i) as a LoRA file plain diffusers loads."""
-    from .fit import export_mix as export, safe_name
+    from .lora.store import export_mix as export, safe_name
     from .run_dir import RunDir
     from .split import read_split
 
@@ -300,7 +311,7 @@ def export_mix(
     if cls is None:
         cls = next((row.cls for row in read_split(RunDir(run).split_csv) if row.rare), None)
     stem = cls if fold is None else f"{cls}-f{fold}"
-    source = Path(run) / "loras" / "chimera" / f"{safe_name(stem or '')}.safetensors"
+    source = RunDir(run).loras("chimera") / f"{safe_name(stem or '')}.safetensors"
     if not source.exists():
         raise RareaugError(f"{source}: no chimera LoRA; run `rareaug fit --run {run} --method chimera` first")
     console.print(f"wrote {export(source, weights, out)}")
@@ -327,6 +338,7 @@ def demo(
     from .inspect import inspect_data, render
     from .report import write_report
     from .samples import FASHION_RARE, fashion_root
+    from .run_dir import RunDir
     from .sweep.stage import sweep
 
     if (data is None) != (rare is None):
@@ -362,8 +374,8 @@ def demo(
     console.rule("3. generate (ratio 2: two fused images per real training image)")
     result = run_generate(cfg, given, console=console)
     console.rule("4. sweep-ratio (ratios 0, 1, 2, one seed)")
-    sweep(cfg, given, console=console)
-    console.print((run / "sweep" / "summary.md").read_text(), markup=False, highlight=False)
+    sweep(cfg, pool_maker(console), given, console=console)
+    console.print(RunDir(run).sweep_summary_md.read_text(), markup=False, highlight=False)
     console.rule("5. report")
     page = write_report(run)
     console.print(f"[bold]done[/]: {result.kept} synthetic images in {result.folder}; the sweep in {run}/sweep.")

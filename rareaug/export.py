@@ -7,9 +7,7 @@ no DICOM tag, EXIF field or file name travels with them. The run directory and t
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import re
@@ -24,9 +22,9 @@ from data_adapters.decode import DecodeError, decode
 
 from .errors import RareaugError
 from .generate.manifest import Manifest, kept_rows
-from .io import read_json
-from .run_dir import mark_rareaug_folder, refuse_inside_data
-from .split import SplitRow, read_split
+from .io import read_json, write_csv
+from .run_dir import RunDir, mark_rareaug_folder, refuse_inside_data
+from .split import SplitRow, fold_view, read_split, split_folds
 
 MANIFEST_COLUMNS = ("file", "class", "source", "id", "variant", "loras", "weights", "seed", "nearest_real_id",
                     "nearest_real_distance")
@@ -46,7 +44,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
                         fold: int | None = None, frame: int = 0) -> ExportResult:
     """Args: fold: with a cross-validated run, the fold whose training images and pool to export."""
     run, out = Path(run), Path(out)
-    rows = read_split(run / "split.csv") if (run / "split.csv").is_file() else None
+    rows = read_split(RunDir(run).split_csv) if RunDir(run).split_csv.is_file() else None
     if rows is None:
         raise RareaugError(f"{run}: not a run directory (no split.csv); pass the --run of a fitted run")
     refuse_inside_data(out, "--out", {row.root for row in rows})
@@ -59,16 +57,15 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
         ratio = _recommended_ratio(run, method, model)
     if not (math.isfinite(ratio) and ratio >= 0):
         raise RareaugError(f"--ratio {ratio}: give a finite ratio of 0 or more")
-    folds = max(row.fold for row in rows) + 1
+    folds = split_folds(rows)
     if folds > 1 and fold is None:
         raise RareaugError(f"{run}/split.csv has {folds} folds: pass --fold F to export fold F's training images "
                            "and the pool fused from them")
     if fold is not None and not 0 <= fold < folds:
         raise RareaugError(f"--fold {fold}: this run has folds 0 to {folds - 1}")
     # A fold trains on every non-test image outside it, as the sweep did.
-    train = ([row for row in rows if row.split == "train"] if fold is None or folds == 1
-             else [row for row in rows if row.split != "test" and row.fold != fold])
-    rare_train = [row for row in train if row.rare]
+    view = fold_view(rows, folds, fold if folds > 1 else None)
+    train, rare_train = view.train, view.rare_train
     needed = int(round(ratio * len(rare_train)))
     # 2. Which pool, and are there enough kept images in it.
     folder = _pool(run, method, variant, fold if folds > 1 else None) if needed else None
@@ -92,11 +89,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
             records.append({"file": f"{item['class']}/{name}", "class": item["class"], "source": "synthetic",
                             "id": item["file"].rsplit(".", 1)[0], "variant": folder.name,
                             **{key: item.get(key, "") for key in MANIFEST_COLUMNS[5:]}})
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(records)
-        (staging / "manifest.csv").write_text(buffer.getvalue())
+        write_csv(staging / "manifest.csv", MANIFEST_COLUMNS, records)
         mark_rareaug_folder(staging)  # real copies in it are never read back as new real data
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -108,7 +101,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
 
 
 def _recommended_ratio(run: Path, method: str, model: str | None) -> float:
-    path = run / "sweep" / "summary.json"
+    path = RunDir(run).sweep_summary_json
     if not path.is_file():
         raise RareaugError(f"{path}: no sweep yet; run `rareaug sweep-ratio --run {run}` first, or pass --ratio R")
     models = (read_json(path) or {}).get("models", {})
@@ -126,7 +119,7 @@ def _recommended_ratio(run: Path, method: str, model: str | None) -> float:
 def _pool(run: Path, method: str, variant: str | None, fold: int | None) -> Path:
     """The method's pool made from the exported training images: the whole-train pool, or fold F's."""
     pools = {}
-    for summary in sorted((run / "synthetic").glob("*/summary.json")):
+    for summary in sorted(RunDir(run).synthetic.glob("*/summary.json")):
         found = re.search(r"-f(\d+)$", summary.parent.name)
         pool_fold = int(found.group(1)) if found else None
         if (read_json(summary) or {}).get("method") == method and pool_fold == fold:

@@ -1,34 +1,29 @@
 """`rareaug fit`: train the LoRAs of one method on the rare class's training images, all in one bank."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import platform
-import io
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__, distributed
-from .config import Config, FitConfig, resolved_fit
+from . import distributed
+from .config import Config, resolved_fit
 from .errors import RareaugError
 from .images import model_input
 from .io import atomic_write_text
 from .lora.bank import LoRABank
-from .lora.files import TEXT_PREFIX, TEXT_TARGETS, read_safetensors, save_safetensors, to_diffusers_state
-from .lora.train import CHECKPOINT_SUFFIX, Job, JobRunner, TrainData, amp_settings, checkpoint_path
+from .lora.files import TEXT_TARGETS, read_safetensors, save_safetensors
+from .device import amp_settings, resolve_device
+from .lora.train import Job, JobRunner, TrainData, checkpoint_path
 from .run_dir import RunDir, frozen_split, timed_stage
-from .split import SplitRow
-
-# lora: the file (stem) the row's weights live in — the image id for LoFT, the class (and fold) otherwise.
-INDEX_COLUMNS = ("image_id", "lora", "class", "method", "steps_done", "final_loss", "base_model")
-LOSS_COLUMNS = ("lora", "image_id", "step", "loss")
-FINAL_LOSS_WINDOW = 10  # final_loss = mean of the last steps' losses: one step's timestep is too noisy
-
+from .split import SplitRow, fold_view, lora_images
+from .lora.store import (checkpoint_folder, clear_checkpoints, clear_outputs, finished_units, merge_shards,
+                         resumed_batch_size, safe_name, save_job)
 
 @dataclasses.dataclass
 class FitResult:
@@ -39,37 +34,9 @@ class FitResult:
     adapter_steps_per_s: float | None
 
 
-def model_label(spec: str) -> str:
-    """How a base model is named in files others may see: hub ids and `tiny` as given, a local path by its
-    last component only (paths stay on this machine; the weights hash identifies the model)."""
-    path = Path(spec).expanduser()
-    return path.name if path.exists() else spec
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RareaugError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RareaugError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    return device
-
-
-def device_label(device: torch.device) -> str:
-    """How records name the device: the GPU's model, or the CPU with its thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def same_model_as_other_fits(config: Config, given: set[str]) -> Config:
     """Methods side by side in one run are compared on one base model and resolution: a method fitted
     without --base-model / --resolution takes those of the run's earlier fits."""
-    import yaml
-
     try:
         run = RunDir(config.run_dir())
     except RareaugError:  # no --run and no --rare: there is no run to look in yet
@@ -84,13 +51,6 @@ def same_model_as_other_fits(config: Config, given: set[str]) -> Config:
     if "recipe.resolution" not in given:
         recipe = dataclasses.replace(recipe, resolution=stored["recipe"]["resolution"])
     return dataclasses.replace(config, fit=fit, recipe=recipe)
-
-
-def training_rows(rows: list[SplitRow], folds: int) -> list[SplitRow]:
-    """The rare `train` images; with folds, every non-test rare image (each fold fuses only its own)."""
-    if folds > 1:
-        return [row for row in rows if row.rare and row.split != "test"]
-    return [row for row in rows if row.rare and row.split == "train"]
 
 
 @timed_stage(lambda config: f"fit {config.fit.method}", worked=lambda result: bool(result.trained))
@@ -109,7 +69,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     # 2. The frozen split and the images to train on.
     with distributed.main_first():
         rows, config, _ = frozen_split(config, given)
-    train = training_rows(rows, config.split.folds)
+    train = lora_images(rows, config.split.folds)
     if len(train) < 2:
         raise RareaugError(f"{RunDir(config.run_dir()).split_csv}: only {len(train)} rare training image(s); "
                            "LoFT fuses pairs, so at least 2 are needed (add images or lower --val-fraction)")
@@ -118,7 +78,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     # 3. The stage config, written before work starts; a different config for this method is refused.
     run = RunDir(config.run_dir())
     method = fit_config.method
-    out_dir = run.path / "loras" / method
+    out_dir = run.loras(method)
     with distributed.main_first():
         start_over = run.check_stage_config("fit", method, config, force=force)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +106,7 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
         data = encode_training_set(base, train, config, run, device)
 
     # 5. Train this process's jobs in one bank, LoFT's adapters batch_size at a time.
-    checkpoints = out_dir / "checkpoints"
+    checkpoints = checkpoint_folder(out_dir)
     batch_file = checkpoints / ("batch_size" if distributed.world_size() == 1 else f"batch_size.{distributed.rank()}")
     batch_size = (fit_config.batch_size or resumed_batch_size(batch_file)
                   or default_batch_size(device, method, len(train)))
@@ -189,36 +149,16 @@ def _train_jobs(jobs: list[Job], base, data: TrainData, train: list[SplitRow], c
         parameter.requires_grad_(True)
     tracker = _Progress(console, jobs, fit_config.steps, method, show=distributed.is_main())
     runner = JobRunner(base.unet, bank, base.scheduler, data, fit_config, config.seed, device, batch_size,
-                       checkpoint_dir=out_dir / "checkpoints", on_step=tracker.advance,
+                       checkpoint_dir=checkpoint_folder(out_dir), on_step=tracker.advance,
                        text_encoder=base.text_encoder, text_bank=text_bank)
     trained = []
     with tracker:
         for job in jobs:
             losses = runner.run(job)
             save_job(job, bank, losses, train, fit_config, base, out_dir, text_bank)
-            checkpoint_path(out_dir / "checkpoints", job.key).unlink(missing_ok=True)
+            checkpoint_path(checkpoint_folder(out_dir), job.key).unlink(missing_ok=True)
             trained += job.units
     return trained, tracker.rate()
-
-
-def clear_outputs(out_dir: Path) -> None:
-    """Remove a method's LoRAs, index, losses and checkpoints (rareaug's own outputs, never user data)."""
-    for pattern in ("*.safetensors", "index.csv", "losses.csv", "index.part-*.csv", "losses.part-*.csv", "checkpoints/*"):
-        for path in out_dir.glob(pattern):
-            path.unlink()
-
-
-def resumed_batch_size(recorded: Path) -> int | None:
-    """An interrupted fit without --batch-size resumes with the chunking its checkpoints were made with
-    (the default depends on free GPU memory, which can differ between runs)."""
-    if recorded.exists() and list(recorded.parent.glob(f"*{CHECKPOINT_SUFFIX}")):
-        return int(recorded.read_text())
-    return None
-
-
-def clear_checkpoints(out_dir: Path) -> None:
-    for path in (out_dir / "checkpoints").glob("*"):
-        path.unlink()
 
 
 def plan_jobs(method: str, train: list[SplitRow], folds: int = 1) -> list[Job]:
@@ -230,8 +170,12 @@ def plan_jobs(method: str, train: list[SplitRow], folds: int = 1) -> list[Job]:
     cls = train[0].cls
     if folds == 1:
         return [Job(method, f"{method}-{safe_name(cls)}", [cls], list(range(len(train))))]
-    return [Job(method, f"{method}-{safe_name(cls)}-f{k}", [f"{cls}-f{k}"],
-                [i for i, row in enumerate(train) if row.fold != k]) for k in range(folds)]
+    jobs = []
+    for k in range(folds):
+        outside = {row.id for row in fold_view(train, folds, k).rare_train}
+        jobs.append(Job(method, f"{method}-{safe_name(cls)}-f{k}", [f"{cls}-f{k}"],
+                        [i for i, row in enumerate(train) if row.id in outside]))
+    return jobs
 
 
 def regroup_loft(jobs: list[Job], batch_size: int) -> list[Job]:
@@ -258,55 +202,13 @@ def default_batch_size(device: torch.device, method: str, n_images: int) -> int:
     return max(1, min(want, fit_in_memory, 64))
 
 
-def finished_units(out_dir: Path, steps: int) -> set[str]:
-    """Units (image ids for LoFT, the class otherwise) whose file exists and whose index row says all
-    steps were done: the index is written after the file, so a file alone is not proof. Index shards of
-    processes that were stopped before rank 0 merged them count too."""
-    return {row["lora"] for row in _index_rows(out_dir)
-            if int(row["steps_done"]) >= steps and (out_dir / f"{safe_name(row['lora'])}.safetensors").exists()}
-
-
-def _index_rows(out_dir: Path) -> list[dict]:
-    """index.csv and every process's shard of it (shards are newer than the index)."""
-    paths = [out_dir / "index.csv", *sorted(out_dir.glob("index.part-*.csv"))]
-    return [row for rows in _rows_by_lora(paths).values() for row in rows]
-
-
-def _rows_by_lora(paths: list[Path]) -> dict[str, list[dict]]:
-    """Each LoRA's rows from the last of `paths` that has it: as in `_append_index`, a job run again
-    replaces all of its LoRA's rows."""
-    found: dict[str, list[dict]] = {}
-    for path in paths:
-        if path.exists():
-            newer: dict[str, list[dict]] = {}
-            with open(path, newline="") as handle:
-                for row in csv.DictReader(handle):
-                    newer.setdefault(row["lora"], []).append(row)
-            found.update(newer)
-    return found
-
-
-def merge_shards(out_dir: Path) -> None:
-    """Fold the processes' index and loss shards into index.csv and losses.csv (rank 0, after the others finished)."""
-    index_parts, loss_parts = sorted(out_dir.glob("index.part-*.csv")), sorted(out_dir.glob("losses.part-*.csv"))
-    if not index_parts and not loss_parts:
-        return
-    rows = sorted(_index_rows(out_dir), key=lambda row: (row["lora"], row["image_id"]))
-    _write_index(out_dir / "index.csv", [[row[column] for column in INDEX_COLUMNS] for row in rows])
-    losses = _rows_by_lora([out_dir / "losses.csv", *loss_parts])
-    atomic_write_text(out_dir / "losses.csv", "\n".join([",".join(LOSS_COLUMNS)] + [
-        ",".join(row[column] for column in LOSS_COLUMNS) for lora in sorted(losses) for row in losses[lora]]) + "\n")
-    for path in index_parts + loss_parts:
-        path.unlink()
-
-
 def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir, device: torch.device) -> TrainData:
     """VAE posteriors and prompt embeddings, computed once and cached; then the VAE and text encoder
     leave the GPU, since training needs neither."""
     recipe = config.recipe
     key = hashlib.sha256(f"{config.fit.base_model}|{recipe.resolution}|{recipe.crop}|{recipe.fallback_crop}|"
                          f"{recipe.prompt}".encode()).hexdigest()[:12]
-    cache = run.path / "cache" / f"train-{key}.safetensors"
+    cache = run.train_cache(key)
     ids = [row.id for row in train]
     if cache.exists():
         tensors, metadata = read_safetensors(cache)
@@ -340,105 +242,6 @@ def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir
 def _tokens(base, prompt: str) -> torch.Tensor:
     return base.tokenizer(prompt, padding="max_length", max_length=base.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
-
-
-def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: list[SplitRow], fit_config: FitConfig,
-             base, out_dir: Path, text_bank: LoRABank | None = None) -> None:
-    """Write the job's LoRA files, then its index and loss rows (files first: the index marks done)."""
-    scale = fit_config.alpha / fit_config.rank
-    cls_of = {row.id: row.cls for row in train}
-    common = {"rareaug_version": __version__, "method": job.method, "rank": fit_config.rank,
-              "alpha": fit_config.alpha, "steps": fit_config.steps, "base_model": model_label(fit_config.base_model),
-              "tiny_test_model": base.is_tiny, "format": "diffusers peft keys; alpha/rank folded into lora_B"}
-    index_rows = []
-    if job.method == "loft":
-        for slot, unit in enumerate(job.units):
-            state = to_diffusers_state(bank.get_slot(slot), scale)
-            save_safetensors(out_dir / f"{safe_name(unit)}.safetensors", state,
-                             {**common, "image_id": unit, "class": cls_of[unit]})
-            index_rows.append((unit, unit, cls_of[unit], _final(losses[unit])))
-    elif job.method == "datadream":
-        stem, cls = job.units[0], train[job.images[0]].cls
-        state = to_diffusers_state(bank.get_slot(0), scale)
-        if text_bank is not None:
-            state.update(to_diffusers_state(text_bank.get_slot(0), scale, prefix=TEXT_PREFIX))
-        save_safetensors(out_dir / f"{safe_name(stem)}.safetensors", state,
-                         {**common, "class": cls, "images": [train[i].id for i in job.images],
-                          "text_encoder_lora": text_bank is not None})
-        index_rows.append((stem, stem, cls, _final([v for values in losses.values() for v in values])))
-    else:  # chimera: the shared A and every B head in one file
-        stem, cls = job.units[0], train[job.images[0]].cls
-        heads = [train[i].id for i in job.images]
-        tensors = {}
-        for name, layer in bank.layers.items():
-            tensors[f"{name}.A"] = layer.lora_A[0].detach().cpu()
-            # (heads, out, r), scale folded; the bank may hold more slots than this fold's heads
-            tensors[f"{name}.B"] = layer.lora_B[:len(heads)].detach().cpu() * scale
-        save_safetensors(out_dir / f"{safe_name(stem)}.safetensors", tensors, {**common, "class": cls, "heads": heads})
-        index_rows += [(head, stem, cls, _final(losses.get(head, []))) for head in heads]
-    part = "" if distributed.world_size() == 1 else f".part-{distributed.rank()}"
-    _append_index(out_dir / f"index{part}.csv", index_rows, job.method, fit_config.steps,
-                  model_label(fit_config.base_model))
-    _append_losses(out_dir / f"losses{part}.csv", job.units[0] if job.method != "loft" else None, losses)
-
-
-def _final(values: list[float]) -> float:
-    tail = values[-FINAL_LOSS_WINDOW:]
-    return sum(tail) / len(tail) if tail else float("nan")
-
-
-def _append_index(path: Path, rows, method: str, steps: int, base_model: str) -> None:
-    existing = []
-    if path.exists():
-        with open(path, newline="") as handle:
-            existing = [row for row in csv.DictReader(handle)]
-    new_loras = {row[1] for row in rows}
-    _write_index(path, [[row[column] for column in INDEX_COLUMNS] for row in existing if row["lora"] not in new_loras]
-                 + [[image_id, lora, cls, method, steps, f"{loss:.6g}", base_model] for image_id, lora, cls, loss in rows])
-
-
-def _write_index(path: Path, rows: list[list]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(INDEX_COLUMNS)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _append_losses(path: Path, lora: str | None, losses: dict[str, list[float]]) -> None:
-    """One row per (LoRA, image, step); a job rerun replaces its LoRA's rows. For LoFT the LoRA is the image."""
-    def owner(image_id: str) -> str:
-        return lora or image_id
-
-    owners = {owner(image_id) for image_id in losses}
-    kept = path.read_text().splitlines()[1:] if path.exists() else []
-    kept = [line for line in kept if line.split(",", 1)[0] not in owners]
-    lines = [",".join(LOSS_COLUMNS), *kept]
-    for image_id, values in losses.items():
-        lines += [f"{owner(image_id)},{image_id},{step},{value:.6g}" for step, value in enumerate(values, start=1)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def export_mix(chimera_file: Path, weights: dict[str, float], out_path: Path) -> Path:
-    """A ChimeraLoRA head mix (shared A, B = sum_i w_i B_i) as a plain diffusers LoRA file."""
-    tensors, metadata = read_safetensors(chimera_file)
-    import json
-
-    heads = json.loads(metadata["heads"])
-    unknown = sorted(set(weights) - set(heads))
-    if unknown:
-        raise RareaugError(f"{chimera_file}: no head {unknown[0]!r}; heads are {', '.join(heads)}")
-    mix = torch.tensor([weights.get(head, 0.0) for head in heads])
-    factors = {}
-    for key, value in tensors.items():
-        layer, _, part = key.rpartition(".")
-        factors[key] = value if part == "A" else torch.einsum("h,hor->or", mix, value)
-    save_safetensors(out_path, to_diffusers_state(factors, 1.0), {**metadata, "mix": weights})
-    return out_path
 
 
 class _Progress:

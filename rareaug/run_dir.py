@@ -15,10 +15,12 @@ from data_adapters import Dataset, load_dataset
 from data_adapters.layouts.common import RAREAUG_MARKER
 
 from .config import Config, SplitConfig, hash_path, stage_record
-from .errors import RareaugError
+from .device import requested_device_label
+from .errors import RareaugError, one_line
 from .io import atomic_write_json, atomic_write_text, atomic_write_yaml
 from .run_lock import lock_run
-from .split import WHOLESALE_SHARE, SplitRow, duplicated_test_share, make_split, read_split, write_split
+from .split import (WHOLESALE_SHARE, SplitRow, duplicated_test_share, fold_view, make_split, read_split, seen_rows,
+                    write_split)
 
 MIN_RARE = 5
 FEW_RARE = 20
@@ -40,21 +42,92 @@ def timed_stage(name_of, worked=lambda result: True):
 
             if worked(result) and distributed.is_main():  # one record for all processes of a run
                 RunDir(config.run_dir()).add_time(name_of(config), time.monotonic() - start,
-                                                  _device_name(config.device))
+                                                  requested_device_label(config.device))
             return result
         return timed
     return decorate
 
 
-def _device_name(requested: str) -> str:
-    from .fit import device_label, resolve_device  # fit imports this module
-
-    return device_label(resolve_device(requested))
-
-
 class RunDir:
+    """The run directory's tree, named once: every stage finds its inputs and outputs here (docs/DESIGN.md
+    lists who writes and who reads each file)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    # --- split and records (inspect / fit) ---------------------------------------------------------------
+    @property
+    def split_csv(self) -> Path:
+        return self.path / "split.csv"
+
+    @property
+    def data_json(self) -> Path:
+        return self.path / "data.json"
+
+    @property
+    def timings_json(self) -> Path:
+        return self.path / "timings.json"
+
+    @property
+    def stages(self) -> Path:
+        """stages/<stage>[-<variant>].yaml: the resolved config each stage ran with."""
+        return self.path / "stages"
+
+    def train_cache(self, key: str) -> Path:
+        """Encoded training images and prompt embeddings, keyed by what they depend on."""
+        return self.path / "cache" / f"train-{key}.safetensors"
+
+    # --- fit: loras/<method>/ ----------------------------------------------------------------------------
+    def loras(self, method: str) -> Path:
+        """A method's LoRA set; `lora.store` owns the files inside it."""
+        return self.path / "loras" / method
+
+    # --- generate: synthetic/<variant>/ ------------------------------------------------------------------
+    @property
+    def synthetic(self) -> Path:
+        return self.path / "synthetic"
+
+    def pool(self, variant: str) -> Path:
+        """A pool's images, manifest.csv (and its shards) and summary.json."""
+        return self.synthetic / variant
+
+    # --- sweep-ratio: sweep/ -----------------------------------------------------------------------------
+    @property
+    def sweep(self) -> Path:
+        return self.path / "sweep"
+
+    @property
+    def sweep_cells(self) -> Path:
+        return self.sweep / "cells"
+
+    def sweep_cell(self, cell: str) -> Path:
+        """A finished cell's result and the config hash it was made under (resume marker)."""
+        return self.sweep_cells / f"{cell}.json"
+
+    @property
+    def sweep_predictions_folder(self) -> Path:
+        return self.sweep / "predictions"
+
+    def sweep_predictions(self, cell: str) -> Path:
+        """A cell's scores on its validation, test and pool-sample images."""
+        return self.sweep_predictions_folder / f"{cell}.csv"
+
+    @property
+    def sweep_metrics(self) -> Path:
+        return self.sweep / "metrics.csv"
+
+    @property
+    def sweep_summary_json(self) -> Path:
+        return self.sweep / "summary.json"
+
+    @property
+    def sweep_summary_md(self) -> Path:
+        return self.sweep / "summary.md"
+
+    # --- report ------------------------------------------------------------------------------------------
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
 
     @property
     def salt(self) -> str:
@@ -71,18 +144,6 @@ class RunDir:
         atomic_write_text(path, secrets.token_hex(16) + "\n")
         return path.read_text().strip()
 
-    @property
-    def split_csv(self) -> Path:
-        return self.path / "split.csv"
-
-    @property
-    def data_json(self) -> Path:
-        return self.path / "data.json"
-
-    @property
-    def timings_json(self) -> Path:
-        return self.path / "timings.json"
-
     def add_time(self, stage: str, seconds: float, device: str = "") -> None:
         """Wall time per stage, summed over resumed runs, for the report. One process per run directory is
         assumed, as for every stage; an unreadable file starts afresh rather than failing a finished stage."""
@@ -98,7 +159,7 @@ class RunDir:
 
     def stage_config(self, stage: str, variant: str | None = None) -> Path:
         name = f"{stage}-{variant}" if variant else stage
-        return self.path / "stages" / f"{name}.yaml"
+        return self.stages / f"{name}.yaml"
 
     def check_stage_config(self, stage: str, variant: str | None, config: Config, force: bool = False) -> bool:
         """Refuse a config that differs from the one this stage variant already ran with, unless `force`.
@@ -143,7 +204,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         content = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise RareaugError(f"{path}: unreadable ({' '.join(str(error).split())[:120]}); restore it or use a new --run") from None
+        raise RareaugError(f"{path}: unreadable ({one_line(error, 120)}); restore it or use a new --run") from None
     if not isinstance(content, dict):
         raise RareaugError(f"{path}: not a rareaug stage config; restore it or use a new --run")
     return content
@@ -269,9 +330,9 @@ def frozen_split(config: Config, given: set[str], dataset: Dataset | None = None
 
 def check_rare_validation(rows: list[SplitRow], folds: int, where: str) -> None:
     """Every fold (or the one validation split) needs a rare image: a threshold is chosen on them."""
-    rare_outside_test = sum(1 for r in rows if r.rare and r.split != "test")
+    rare_outside_test = sum(1 for r in seen_rows(rows) if r.rare)
     for fold in range(folds):
-        if not any(r.rare and r.split != "test" and (r.fold == fold if folds > 1 else r.split == "val") for r in rows):
+        if not any(r.rare for r in fold_view(rows, folds, fold if folds > 1 else None).validate):
             fix = (f"use --folds {rare_outside_test} or fewer" if folds > rare_outside_test
                    else "use fewer --folds or more rare images")
             raise RareaugError(f"{'fold ' + str(fold) if folds > 1 else 'validation'} has no rare image in {where} "

@@ -8,10 +8,8 @@ arbitrary fractions, a layout's fixed test split, and at least one rare image in
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import secrets
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,8 +19,8 @@ import numpy as np
 from data_adapters import Record
 
 from .config import Config
-from .errors import RareaugError
-from .io import atomic_write_text
+from .errors import RareaugError, one_line
+from .io import read_csv, write_csv
 
 COLUMNS = ("id", "root", "path", "mask", "class", "rare", "split", "fold", "group")
 SPLITS = ("train", "val", "test")
@@ -49,6 +47,59 @@ class SplitRow:
     @property
     def abs_mask(self) -> Path | None:
         return Path(self.root) / self.mask if self.mask else None
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldView:
+    """What one fold of the split may see. The leakage rule, written once: a fold validates on its own
+    non-test images and trains (classifiers, class-level LoRAs, the pools it fuses) on every non-test image
+    outside it; without folds, `train` trains and `val` validates. The test images are nobody's training data."""
+
+    train: list[SplitRow]
+    validate: list[SplitRow]
+    test: list[SplitRow]
+
+    @property
+    def rare_train(self) -> list[SplitRow]:
+        """The real rare images this fold's synthetic data may come from."""
+        return [row for row in self.train if row.rare]
+
+
+def split_folds(rows: list[SplitRow]) -> int:
+    """How many folds a split has (1 when it was made without --folds)."""
+    return max((row.fold for row in rows), default=0) + 1
+
+
+def fold_view(rows: list[SplitRow], folds: int, fold: int | None = None) -> FoldView:
+    """Fold `fold`'s train / validate / test rows; `fold` None (or a split without folds): the plain split.
+
+    Raises a one-line RareaugError when `fold` does not fit the split (with folds a fold must be named)."""
+    if folds > 1 and fold is None:
+        raise RareaugError(f"this run's split has {folds} folds: pass --fold F (0..{folds - 1})")
+    if folds == 1 and fold is not None:
+        raise RareaugError("--fold: this run's split has no folds (made with --folds 1); drop --fold, or make a "
+                           "new run with --folds K")
+    if folds > 1 and not 0 <= fold < folds:
+        raise RareaugError(f"--fold {fold} is out of range: this run's split has {folds} folds (0..{folds - 1})")
+    test = [row for row in rows if row.split == "test"]
+    if folds == 1:
+        return FoldView([row for row in rows if row.split == "train"], [row for row in rows if row.split == "val"],
+                        test)
+    seen = seen_rows(rows)
+    return FoldView([row for row in seen if row.fold != fold], [row for row in seen if row.fold == fold], test)
+
+
+def seen_rows(rows: list[SplitRow]) -> list[SplitRow]:
+    """The rows some fold trains or validates on: all but the test images."""
+    return [row for row in rows if row.split != "test"]
+
+
+def lora_images(rows: list[SplitRow], folds: int) -> list[SplitRow]:
+    """The rare images that get per-image LoRAs: those some fold trains on (every non-test rare image with
+    folds; each fold then fuses only the LoRAs of its own training images)."""
+    views = [fold_view(rows, folds, k if folds > 1 else None) for k in range(folds)]
+    chosen = {row.id for view in views for row in view.rare_train}
+    return [row for row in rows if row.id in chosen]
 
 
 @dataclasses.dataclass
@@ -215,27 +266,18 @@ def _rows(records, groups, split_of, fold_of) -> list[SplitRow]:
 # --- file I/O --------------------------------------------------------------------------------------
 
 def write_split(path: Path, rows: list[SplitRow]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([row.id, row.root, row.path, row.mask, row.cls, int(row.rare), row.split, row.fold, row.group])
-    atomic_write_text(path, buffer.getvalue())
+    write_csv(path, COLUMNS, ([row.id, row.root, row.path, row.mask, row.cls, int(row.rare), row.split, row.fold,
+                               row.group] for row in rows))
 
 
 def read_split(path: Path) -> list[SplitRow]:
+    fix = "restore it or use a new --run"
+    rows = read_csv(path, COLUMNS, missing_ok=False, fix=fix)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise RareaugError(f"{path}: not a rareaug split file (columns {reader.fieldnames}); use a new --run")
-            return [
-                SplitRow(r["id"], r["root"], r["path"], r["mask"], r["class"], r["rare"] == "1", r["split"],
-                         int(r["fold"]), r["group"])
-                for r in reader
-            ]
-    except (OSError, ValueError, KeyError) as error:
-        raise RareaugError(f"{path}: unreadable split file ({error}); restore it or use a new --run") from None
+        return [SplitRow(r["id"], r["root"], r["path"], r["mask"], r["class"], r["rare"] == "1", r["split"],
+                         int(r["fold"]), r["group"]) for r in rows]
+    except (ValueError, TypeError) as error:
+        raise RareaugError(f"{path}: unreadable split file ({one_line(error)}); {fix}") from None
 
 
 def split_counts(rows: list[SplitRow]) -> dict[str, dict[str, int]]:

@@ -118,7 +118,7 @@ def test_rounds_make_the_pool_a_single_process_would_whatever_the_sharing():
 
 def test_index_and_loss_shards_of_a_stopped_run_count_and_merge(tmp_path):
     """A multi-process fit stopped before rank 0 merged: its shards count as done, and the next fit merges them."""
-    from rareaug.fit import INDEX_COLUMNS, finished_units, merge_shards
+    from rareaug.lora.store import INDEX_COLUMNS, finished_units, merge_shards
 
     def index(path, ids):
         lines = [",".join(INDEX_COLUMNS)] + [f"{i},{i},crack,loft,4,0.1,tiny" for i in ids]

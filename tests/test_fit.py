@@ -154,7 +154,7 @@ def test_class_methods_write_their_files(invoke, folder_data, tmp_path, method):
     index = read_csv(out / "index.csv")
     assert all(r["method"] == method for r in index)
     if method == "chimera":
-        from rareaug.fit import export_mix
+        from rareaug.lora.store import export_mix
 
         heads = [r["image_id"] for r in index]
         assert len(heads) >= 2

@@ -15,6 +15,7 @@ from rareaug.generate import plans
 from rareaug.lora.bank import LoRABank
 from rareaug.lora.files import bank_from_lora_files, to_diffusers_state
 from rareaug.models import load_base_model
+from rareaug.split import fold_view
 
 FAST = ("--steps", "3", "--batch-size", "3", "--guard-threshold", "0.01")
 
@@ -159,7 +160,7 @@ def test_one_image_regenerates_alone_identically(run, invoke):
     config = build_config(None, {"run": str(run), "generate.steps": 3})
     rows, config, _ = frozen_split(config, set())
     config = stage._with_fit_settings(config, stage._fit_stage(RunDir(run), "loft"))
-    maker = stage._ImageMaker(config, RunDir(run), stage.source_rows(rows, 1, None), "x", torch.device("cpu"), None)
+    maker = stage._ImageMaker(config, RunDir(run), fold_view(rows, 1).rare_train, "x", torch.device("cpu"), None)
     alone = maker.render([(int(row["pool_index"]), int(row["attempt"]))])[0]
     saved = pixels(folder / row["file"])
     regenerated = np.round(alone.mean(dim=0).numpy() * 255)
@@ -280,7 +281,7 @@ def test_datadream_with_text_encoder_lora_equals_diffusers(invoke, run):
     config = build_config(None, {"run": str(run), "generate.steps": 3, "generate.method": "datadream"})
     rows, config, _ = frozen_split(config, set())
     config = stage._with_fit_settings(config, stage._fit_stage(RunDir(run), "datadream"))
-    maker = stage._ImageMaker(config, RunDir(run), stage.source_rows(rows, 1, None), "x", torch.device("cpu"), None)
+    maker = stage._ImageMaker(config, RunDir(run), fold_view(rows, 1).rare_train, "x", torch.device("cpu"), None)
     ours = maker.render([(0, 0)])[0]
 
     base = load_base_model("tiny")

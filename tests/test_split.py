@@ -172,3 +172,34 @@ def test_rare_images_of_few_patients_still_reach_val_and_test(tmp_path):
     rows = make_split(records, [], build_config(None, {}))
     splits = {row.split for row in rows if row.rare}
     assert splits == {"train", "val", "test"}
+
+
+def test_fold_view_is_the_one_leakage_rule():
+    """Each fold validates on its own non-test images and trains on every other non-test image; without folds
+    the split column decides; test images are nobody's training or validation data; a wrong --fold is one line."""
+    from rareaug.errors import RareaugError
+    from rareaug.split import SplitRow, fold_view, lora_images, seen_rows, split_folds
+
+    def row(i: int, rare: bool, split: str, fold: int) -> SplitRow:
+        return SplitRow(f"{'r' if rare else 'n'}{i}", "/d", f"{i}.png", "", "c" if rare else "n", rare, split, fold, "")
+
+    folded = [row(i, i % 2 == 0, "test" if i >= 12 else "train", i % 3) for i in range(16)]
+    assert split_folds(folded) == 3 and len(seen_rows(folded)) == 12
+    validated = []
+    for fold in range(3):
+        view = fold_view(folded, 3, fold)
+        assert {r.fold for r in view.validate} == {fold} and fold not in {r.fold for r in view.train}
+        assert len(view.train) + len(view.validate) == 12 and all(r.split == "test" for r in view.test)
+        assert view.rare_train == [r for r in view.train if r.rare]
+        validated += view.validate
+    assert sorted(r.id for r in validated) == sorted(r.id for r in seen_rows(folded))  # each image validates once
+    assert lora_images(folded, 3) == [r for r in seen_rows(folded) if r.rare]
+
+    plain = [row(i, i % 2 == 0, ("train", "val", "test")[i % 3], 0) for i in range(9)]
+    view = fold_view(plain, 1)
+    assert [r.split for r in view.train + view.validate + view.test] == ["train"] * 3 + ["val"] * 3 + ["test"] * 3
+    assert lora_images(plain, 1) == [r for r in plain if r.rare and r.split == "train"]
+    for rows, folds, fold, words in ((folded, 3, None, "pass --fold"), (folded, 3, 3, "out of range"),
+                                     (plain, 1, 0, "no folds")):
+        with pytest.raises(RareaugError, match=words):
+            fold_view(rows, folds, fold)

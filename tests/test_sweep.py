@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import rareaug.sweep.stage as stage
+from rareaug.run_dir import RunDir
+from rareaug.sweep import metrics as M
 from rareaug.errors import RareaugError
 
 GRID = ("--model", "tiny-resnet18", "--seeds", "1", "--steps", "4", "--batch-size", "8", "--no-pretrained",
@@ -132,7 +134,7 @@ def test_recommendation_never_sees_test_labels(swept, tmp_path):
     rows = [dict(r, ratio=float(r["ratio"]), seed=int(r["seed"]), fold=int(r["fold"]), threshold=float(r["threshold"]),
                  **{k: float(r[k]) for k in ("f1", "recall", "precision", "pr_auc", "auroc", "sens_at_95spec")},
                  n_synth=int(r["n_synth"])) for r in metrics(run)]
-    before = stage.summarise(rows, run / "sweep", config, [])
+    before = stage.summarise(rows, RunDir(run), config, [])
     rng = random.Random(0)
     for path in (run / "sweep" / "predictions").glob("*.csv"):
         lines = list(csv.DictReader(open(path, newline="")))
@@ -144,7 +146,7 @@ def test_recommendation_never_sees_test_labels(swept, tmp_path):
             writer.writeheader()
             for r in lines:
                 writer.writerow(dict(r, label=next(shuffled) if r["split"] == "test" else r["label"]))
-    after = stage.summarise(rows, run / "sweep", config, [])
+    after = stage.summarise(rows, RunDir(run), config, [])
     for method in before["models"]["tiny-resnet18"]:
         b, a = before["models"]["tiny-resnet18"][method], after["models"]["tiny-resnet18"][method]
         assert a["recommended_ratio"] == b["recommended_ratio"]
@@ -152,7 +154,7 @@ def test_recommendation_never_sees_test_labels(swept, tmp_path):
 
 
 def test_bad_grid_options_are_one_line_errors(swept, invoke):
-    code, _, err = invoke("sweep-ratio", "--run", swept, "--model", "vgg", *GRID[2:])  # noqa: the grid minus its model
+    code, _, err = invoke("sweep-ratio", "--run", swept, "--model", "vgg", *GRID[2:])  # the grid minus its model
     assert code == 2 and "vgg" in err and len(err.strip().splitlines()) == 1
     code, _, err = invoke("sweep-ratio", "--run", swept, "--ratios", "a,b", *GRID)
     assert code == 2 and "--ratios" in err
@@ -161,7 +163,11 @@ def test_bad_grid_options_are_one_line_errors(swept, invoke):
 
 
 def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp_path):
+    """Every stage's use of the fold rule (`split.fold_view`): fit's class LoRAs, generate's fused pairs, the
+    sweep's train / validate / test images and real-image counts, and export's training set."""
     from conftest import write_image
+
+    from rareaug.split import fold_view, read_split
 
     root = tmp_path / "data"
     for i in range(12):
@@ -176,14 +182,27 @@ def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp
     assert code == 0, err
     rows = metrics(run)
     assert sorted({int(r["fold"]) for r in rows}) == [0, 1, 2] and len(rows) == 6
-    split = list(csv.DictReader(open(run / "split.csv", newline="")))
-    fold_of = {r["id"]: int(r["fold"]) for r in split}
-    for fold in range(3):
-        manifest = list(csv.DictReader(open(run / "synthetic" / f"loft-l0.5-g2-s2-f{fold}" / "manifest.csv", newline="")))
-        assert manifest and all(fold_of[lora] != fold for r in manifest for lora in r["loras"].split(";"))
+    split = read_split(run / "split.csv")
+    fold_of = {r.id: r.fold for r in split}
+    views = [fold_view(split, 3, fold) for fold in range(3)]
+    for fold, view in enumerate(views):
+        ids = {part: {r.id for r in getattr(view, part)} for part in ("train", "validate", "test", "rare_train")}
+        assert ids["validate"] and not ids["train"] & ids["validate"]
+        assert not (ids["train"] | ids["validate"]) & ids["test"]
+        manifest = list(csv.DictReader(open(run / "synthetic" / f"loft-l0.5-g2-s2-f{fold}" / "manifest.csv",
+                                            newline="")))
+        assert manifest and all(lora in ids["rare_train"] for r in manifest for lora in r["loras"].split(";"))
         with open(run / "sweep" / "predictions" / f"loft-r1-tiny-resnet18-s0-f{fold}.csv", newline="") as handle:
-            val_ids = {r["id"] for r in csv.DictReader(handle) if r["split"] == "val"}
-        assert val_ids and all(fold_of[i] == fold for i in val_ids)
+            predicted = list(csv.DictReader(handle))
+        assert {r["id"] for r in predicted if r["split"] == "val"} == ids["validate"]
+        assert {r["id"] for r in predicted if r["split"] == "test"} == ids["test"]
+        cell = next(r for r in rows if r["cell"] == f"loft-r1-tiny-resnet18-s0-f{fold}")
+        assert int(cell["n_real_rare"]) == len(ids["rare_train"]) == int(cell["n_synth"])
+        out = tmp_path / f"export-f{fold}"
+        code, _, err = invoke("export", "--run", run, "--out", out, "--ratio", "1", "--fold", str(fold))
+        assert code == 0, err
+        exported = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+        assert sum(r["source"] == "real" for r in exported) == len(ids["train"])
     # Class-level LoRAs are fitted once per fold, each without that fold's images (DataDream's images, Chimera's heads).
     from rareaug.lora.files import read_safetensors
 
@@ -193,7 +212,8 @@ def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp
         for fold in range(3):
             _, metadata = read_safetensors(run / "loras" / method / f"crack-f{fold}.safetensors")
             used = json.loads(metadata[key])
-            assert used and all(fold_of[i] != fold for i in used)
+            assert used and set(used) == {r.id for r in views[fold].rare_train}
+            assert all(fold_of[i] != fold for i in used)
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", "--methods", "datadream", *GRID)
     assert code == 0, err
     assert {int(r["fold"]) for r in metrics(run) if r["method"] == "datadream"} == {0, 1, 2}
@@ -224,25 +244,13 @@ def test_a_cells_threshold_never_sees_test_labels(swept, tmp_path):
     rows, config, _ = frozen_split(config, set())
     cell = stage.Cell("none", "tiny-resnet18", 0.0, 0, 0)
     data = cell_data(rows, 1, 0, [])
-    first = stage.run_cell(cell, data, config, {}, torch.device("cpu"), swept / "sweep")
+    first = stage.run_cell(cell, data, config, {}, torch.device("cpu"), RunDir(swept))
     labels = [e.label for e in data.test]
     random.Random(1).shuffle(labels)
     for example, label in zip(data.test, labels):
         example.label = label
-    second = stage.run_cell(cell, data, config, {}, torch.device("cpu"), swept / "sweep")
+    second = stage.run_cell(cell, data, config, {}, torch.device("cpu"), RunDir(swept))
     assert first["threshold"] == second["threshold"] and first["val_f1"] == second["val_f1"]
-
-
-def test_mean_f1_equals_sklearn():
-    import numpy as np
-    from sklearn.metrics import f1_score
-
-    rng = np.random.default_rng(0)
-    labels = rng.random(50) < 0.2
-    decisions = rng.random((3, 50)) < 0.3
-    expected = np.mean([f1_score(labels, row, zero_division=0) for row in decisions])
-    assert stage.mean_f1(decisions, labels) == pytest.approx(expected)
-    assert stage.mean_f1(np.zeros((1, 5), bool), np.zeros(5, bool)) == 0.0
 
 
 def test_a_class_seen_only_in_test_does_not_shape_the_model():
@@ -284,17 +292,17 @@ def test_input_size_below_16_is_refused_in_one_line():
 
 # --- the verdict counts training noise -----------------------------------------------------------------------
 
-def _cells_on_disk(out, method: str, ratio: float, decisions_by_seed: dict[int, np.ndarray], labels: np.ndarray):
+def _cells_on_disk(run, method: str, ratio: float, decisions_by_seed: dict[int, np.ndarray], labels: np.ndarray):
     """Prediction files as run_cell writes them: a validation set that puts every seed's threshold between 0.1
     and 0.9, and test scores of 0.95 (called rare) or 0.05."""
-    (out / "predictions").mkdir(exist_ok=True)
+    run.sweep_predictions_folder.mkdir(parents=True, exist_ok=True)
     cells = []
     for seed, decisions in decisions_by_seed.items():
         name = f"{method}-r{ratio:g}-m-s{seed}-f0"
         lines = ["id,split,label,score", "v0,val,1,0.9", "v1,val,0,0.1"]
         lines += [f"t{i:03d},test,{int(label)},{0.95 if decided else 0.05}"
                   for i, (label, decided) in enumerate(zip(labels, decisions))]
-        (out / "predictions" / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        run.sweep_predictions(name).write_text("\n".join(lines) + "\n")
         cells.append({"cell": name, "method": method, "ratio": ratio, "seed": seed, "fold": 0})
     return cells
 
@@ -311,18 +319,17 @@ def _noisy_runs(n_seeds: int, n_images: int = 300):
 
 def test_a_gain_one_lucky_seed_makes_is_not_distinguishable_from_noise(tmp_path):
     from rareaug.config import Config
-    from rareaug.sweep import metrics as M
 
     labels, before, after = _noisy_runs(3)
-    baseline = _cells_on_disk(tmp_path, "none", 0.0, before, labels)
-    chosen = _cells_on_disk(tmp_path, "loft", 2.0, after, labels)
+    baseline = _cells_on_disk(RunDir(tmp_path), "none", 0.0, before, labels)
+    chosen = _cells_on_disk(RunDir(tmp_path), "loft", 2.0, after, labels)
     sw = Config().sweep
     # Test images alone would call the gain real: every image resample keeps the lucky seed's improvement.
     b, a = np.stack(list(before.values())), np.stack(list(after.values()))
-    image_only = [stage.mean_f1(a[:, i], labels[i]) - stage.mean_f1(b[:, i], labels[i])
+    image_only = [M.mean_f1(a[:, i], labels[i]) - M.mean_f1(b[:, i], labels[i])
                   for i in M.resample_indices(None, len(labels), 300, 0)]
     assert np.percentile(image_only, 2.5) > 0
-    gain = stage._gain(chosen + baseline, baseline, "loft", 2.0, tmp_path, sw, {})
+    gain = stage._gain(chosen + baseline, baseline, "loft", 2.0, RunDir(tmp_path), sw, {})
     assert gain["diff"] > 0.05 and gain["low"] <= 0 < gain["high"]
     assert gain["verdict"] == "not distinguishable from noise" and gain["distinguishable"] is False
     assert gain["interval_kind"] == "seeds x folds x test images" and gain["runs"] == 3
@@ -333,11 +340,11 @@ def test_every_seed_gaining_is_distinguishable_and_two_runs_are_too_few(tmp_path
 
     labels, before, _ = _noisy_runs(3)
     better = {seed: np.where(np.arange(len(labels)) % 2 == 0, labels, d) for seed, d in before.items()}
-    baseline = _cells_on_disk(tmp_path, "none", 0.0, before, labels)
-    chosen = _cells_on_disk(tmp_path, "loft", 2.0, better, labels)
-    gain = stage._gain(chosen + baseline, baseline, "loft", 2.0, tmp_path, Config().sweep, {})
+    baseline = _cells_on_disk(RunDir(tmp_path), "none", 0.0, before, labels)
+    chosen = _cells_on_disk(RunDir(tmp_path), "loft", 2.0, better, labels)
+    gain = stage._gain(chosen + baseline, baseline, "loft", 2.0, RunDir(tmp_path), Config().sweep, {})
     assert gain["low"] > 0 and gain["verdict"] == "a gain beyond noise"
-    two = stage._gain(chosen[:2] + baseline[:2], baseline[:2], "loft", 2.0, tmp_path, Config().sweep, {})
+    two = stage._gain(chosen[:2] + baseline[:2], baseline[:2], "loft", 2.0, RunDir(tmp_path), Config().sweep, {})
     assert two["runs"] == 2 and two["verdict"] == "too few runs to judge" and two["distinguishable"] is False
 
 

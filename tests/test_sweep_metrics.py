@@ -9,8 +9,8 @@ from sklearn.metrics import (average_precision_score, f1_score, precision_score,
                              roc_auc_score)
 
 from rareaug.errors import RareaugError
-from rareaug.sweep.metrics import (METRICS, _compute, _draws, resample_indices, binary_metrics, bootstrap_intervals,
-                                   choose_threshold, mean_sd, paired_bootstrap_difference)
+from rareaug.sweep.metrics import (METRICS, _compute, _draws, binary_metrics, bootstrap_intervals, choose_threshold,
+                                   mean_f1, mean_sd, resample_indices, two_level_interval)
 
 
 def _scored(n: int, seed: int, prevalence: float = 0.2, signal: float = 0.35):
@@ -185,34 +185,46 @@ def test_resamples_without_a_positive_are_skipped():
     assert all(math.isnan(v) for v in none["recall"] + none["auroc"])
 
 
-def test_paired_difference_of_identical_scores_is_exactly_zero():
+def test_two_level_difference_of_identical_decisions_is_exactly_zero():
     y, s = _scored(300, seed=11)
-    for metric in METRICS:
-        d = paired_bootstrap_difference(y, s, 0.5, s.copy(), 0.5, metric=metric, n_boot=100)
-        assert (d["diff"], d["low"], d["high"], d["distinguishable"]) == (0.0, 0.0, 0.0, False), metric
+    decisions = np.stack([s >= t for t in (0.4, 0.5, 0.6)])
+    low, high = two_level_interval(decisions, decisions.copy(), y.astype(bool), None, n_boot=100)
+    assert (low, high) == (0.0, 0.0)
 
 
-def test_clearly_better_classifier_is_distinguishable():
+def test_a_clearly_better_classifier_is_distinguishable_by_images_and_by_patients():
     rng = np.random.default_rng(12)
-    y = (rng.random(500) < 0.2).astype(int)
-    random_scores = rng.random(500)
-    good_scores = np.clip(0.6 * y + rng.random(500) * 0.5, 0, 1)
-    d = paired_bootstrap_difference(y, random_scores, 0.5, good_scores, 0.5, metric="f1", n_boot=500)
-    assert d["diff"] > 0 and 0 < d["low"] <= d["diff"] <= d["high"] and d["distinguishable"] is True
+    y = rng.random(500) < 0.2
+    random_runs = np.stack([rng.random(500) >= 0.5 for _ in range(3)])
+    good_runs = np.stack([np.clip(0.6 * y + rng.random(500) * 0.5, 0, 1) >= 0.5 for _ in range(3)])
+    diff = mean_f1(good_runs, y) - mean_f1(random_runs, y)
+    low, high = two_level_interval(random_runs, good_runs, y, None, n_boot=300)
+    assert diff > 0 and 0 < low <= diff <= high
     groups = [f"p{i // 5}" for i in range(500)]
-    grouped = paired_bootstrap_difference(y, random_scores, 0.5, good_scores, 0.5, metric="auroc", groups=groups,
-                                          n_boot=300)
-    assert grouped["distinguishable"] is True
+    assert two_level_interval(random_runs, good_runs, y, groups, n_boot=300)[0] > 0
     # Swapped roles: the difference is negative and just as distinguishable.
-    worse = paired_bootstrap_difference(y, good_scores, 0.5, random_scores, 0.5, metric="f1", n_boot=500)
-    assert worse["high"] < 0 and worse["distinguishable"] is True
+    assert two_level_interval(good_runs, random_runs, y, None, n_boot=300)[1] < 0
 
 
-def test_paired_difference_uses_the_sameresample_indices():
-    # b is a shifted by a constant and thresholded by the same shift: identical predictions on every resample.
+def test_two_level_resamples_pair_the_runs_and_the_images():
+    # The same decisions on both sides up to which run is which would differ if runs were drawn apart.
     y, s = _scored(300, seed=13)
-    d = paired_bootstrap_difference(y, s, 0.4, s + 0.25, 0.65, metric="recall", n_boot=200)
-    assert (d["low"], d["high"]) == (0.0, 0.0)
+    runs = np.stack([s >= t for t in (0.3, 0.5, 0.7)])
+    assert two_level_interval(runs, runs[[0, 1, 2]], y.astype(bool), None, n_boot=200) == (0.0, 0.0)
+    low, high = two_level_interval(runs, runs[[2, 1, 0]], y.astype(bool), None, n_boot=200)
+    assert low < 0 < high  # paired draws of different runs: a spread, not a fixed zero
+
+
+def test_mean_f1_equals_sklearn():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(50) < 0.2
+    decisions = rng.random((3, 50)) < 0.3
+    expected = np.mean([f1_score(labels, row, zero_division=0) for row in decisions])
+    assert mean_f1(decisions, labels) == pytest.approx(expected)
+    assert mean_f1(np.zeros((1, 5), bool), np.zeros(5, bool)) == 0.0
 
 
 def test_bad_input_is_refused():
@@ -224,8 +236,6 @@ def test_bad_input_is_refused():
         bootstrap_intervals([0, 1], [0.1, float("nan")], 0.5)
     with pytest.raises(RareaugError):
         bootstrap_intervals([0, 1, 1], [0.1, 0.2, 0.3], 0.5, groups=["a", "b"])
-    with pytest.raises(RareaugError):
-        paired_bootstrap_difference([0, 1], [0.1, 0.9], 0.5, [0.2, 0.8], 0.5, metric="accuracy")
 
 
 def test_mean_sd():

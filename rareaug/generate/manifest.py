@@ -5,7 +5,6 @@ Each worker appends to its own shard (`manifest.part-<worker>.csv`); `merge` fol
 """
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from data_adapters.decode import SYNTHETIC_MARKER
 
 from .. import __version__
-from ..io import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_bytes, read_csv, write_csv
 
 COLUMNS = ("file", "pool_index", "class", "method", "loras", "weights", "seed", "attempt", "guidance", "steps",
            "scheduler", "prompt", "base_model", "base_model_hash", "rareaug_version", "nearest_real_id",
@@ -77,16 +76,8 @@ def kept_rows(rows: list[dict]) -> list[dict]:
 
 
 def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path, fix="delete the pool's folder and rerun `rareaug generate`")
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({column: row.get(column, "") for column in COLUMNS})
-    atomic_write_text(path, buffer.getvalue())
+    write_csv(path, COLUMNS, rows)

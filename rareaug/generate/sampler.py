@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 
 import diffusers
 import torch
@@ -115,8 +116,6 @@ class BankSampler:
 
 def _step_kwargs(scheduler, generators) -> dict:
     """eta and generator where the scheduler takes them (diffusers' prepare_extra_step_kwargs)."""
-    import inspect
-
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
     if "eta" in accepted:

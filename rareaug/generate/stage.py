@@ -18,22 +18,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from data_adapters import decode
+
 from .. import __version__, distributed
-from ..config import Config, FitConfig
+from ..config import LORA_METHODS, Config, FitConfig
 from ..errors import RareaugError
-from ..fit import finished_units, model_label, resolve_device, safe_name
+from ..device import resolve_device, sampling_dtype
+from ..lora.store import finished_units, model_label, safe_name
 from ..images import model_input
 from ..io import atomic_write_json
 from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
 from ..run_dir import RunDir, frozen_split, timed_stage
-from ..split import SplitRow
+from ..split import SplitRow, fold_view
 from . import plans
 from .classic import classic_copy
 from .guard import Guard
 from .manifest import Manifest, image_file, is_kept, kept_rows, save_png
 from .sampler import BankSampler, SampleRequest
 
-LORA_METHODS = ("loft", "datadream", "chimera")
 MAX_REJECTED_IN_A_ROW = 20  # slots rejected one after another: the threshold does not fit, or the LoRAs copy
 
 
@@ -70,21 +72,6 @@ def variant_name(config: Config) -> str:
     return "-".join(parts)
 
 
-def source_rows(rows: list[SplitRow], folds: int, fold: int | None) -> list[SplitRow]:
-    """Real rare images synthetic data may come from: `train`; with folds, the non-test rare images
-    outside fold F (fold F validates, so nothing of it may leak into its training data)."""
-    if fold is None:
-        if folds > 1:
-            raise RareaugError(f"this run's split has {folds} folds: pass --fold F (0..{folds - 1})")
-        return [row for row in rows if row.rare and row.split == "train"]
-    if folds == 1:
-        raise RareaugError("--fold: this run's split has no folds (made with --folds 1); drop --fold, or make a "
-                           "new run with --folds K")
-    if not 0 <= fold < folds:
-        raise RareaugError(f"--fold {fold} is out of range: this run's split has {folds} folds (0..{folds - 1})")
-    return [row for row in rows if row.rare and row.split != "test" and row.fold != fold]
-
-
 def target_count(config: Config, n_real: int) -> int:
     gen = config.generate
     if (gen.n is None) == (gen.ratio is None):
@@ -103,7 +90,7 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     distributed.setup(config.device)
     with distributed.main_first():
         rows, config, _ = frozen_split(config, given)
-    sources = source_rows(rows, config.split.folds, gen.fold)
+    sources = fold_view(rows, config.split.folds, gen.fold).rare_train
     if len(sources) < 2 and gen.method in ("loft", "chimera"):
         raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")
     target = target_count(config, len(sources))
@@ -112,7 +99,7 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     fit_stage = _fit_stage(run, gen.method)
     config = _with_fit_settings(config, fit_stage)
     recorded = dataclasses.replace(config, generate=dataclasses.replace(gen, n=None, ratio=None, batch_size=None))
-    folder = run.path / "synthetic" / variant
+    folder = run.pool(variant)
     manifest = Manifest(folder, worker=distributed.rank())
     with distributed.main_first():
         if run.check_stage_config("generate", variant, recorded, force=force) and distributed.is_main():
@@ -325,8 +312,7 @@ class _ImageMaker:
             return
         from ..models import load_base_model
 
-        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
-            torch.float16 if device.type == "cuda" else torch.float32)
+        amp = sampling_dtype(device)
         base_spec = gen.base_model or config.fit.base_model
         base = load_base_model(base_spec, device=device, dtype=amp)
         self.base_name, self.is_tiny = model_label(base_spec), base.is_tiny
@@ -338,7 +324,7 @@ class _ImageMaker:
                                    recipe.resolution, text_bank=self.text_bank)
 
     def _bank(self, base, run: RunDir, method: str):
-        folder = run.path / "loras" / method
+        folder = run.loras(method)
         gen = self.config.generate
         if method == "classprompt":
             self.plan = plans.NoAdapter()
@@ -402,8 +388,6 @@ class _ImageMaker:
 
 
 def _is_gray(row: SplitRow) -> bool:
-    from data_adapters import decode
-
     return decode(row.abs_path).pixels.shape[0] == 1
 
 

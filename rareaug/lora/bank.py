@@ -128,8 +128,8 @@ class LoRABank:
     def init_a(self, slot: int, generator: torch.Generator, kind: str = "kaiming") -> None:
         """Initialise one A slot from its own generator, so its values never depend on its neighbours.
 
-        kaiming: peft's default for Linear LoRA (kaiming-uniform, a=sqrt(5)); gaussian: N(0, 1/r), as
-        ChimeraLoRA's shared A.
+        kaiming: peft's default for Linear LoRA (kaiming-uniform, a=sqrt(5)); gaussian: standard deviation
+        1/r, as ChimeraLoRA's shared A.
         """
         for layer in self.layers.values():
             shape = layer.lora_A.shape[1:]

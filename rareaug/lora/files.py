@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 
 from ..io import atomic_write_bytes
+from .bank import DEFAULT_TARGETS, LoRABank
 
 UNET_PREFIX = "unet."
 TEXT_PREFIX = "text_encoder."
@@ -52,8 +53,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def bank_from_lora_files(model, paths: list[Path], targets=None, prefix: str = UNET_PREFIX):
     """A bank with one slot per diffusers LoRA file (LoFT, DataDream), scale folded in (alpha = rank).
     None when the files hold no LoRA for this model (e.g. no text-encoder LoRA)."""
-    from .bank import DEFAULT_TARGETS, LoRABank
-
     factors = [from_diffusers_state(load_file(str(path)), prefix) for path in paths]
     if not factors[0]:
         return None
@@ -67,10 +66,6 @@ def bank_from_lora_files(model, paths: list[Path], targets=None, prefix: str = U
 
 def bank_from_chimera_file(model, path: Path, targets=None):
     """A bank with the class's shared A (slot 0) and every B head (slots in the file's head order)."""
-    import torch
-
-    from .bank import DEFAULT_TARGETS, LoRABank
-
     tensors, metadata = read_safetensors(path)
     heads = json.loads(metadata["heads"])
     rank = next(v for k, v in tensors.items() if k.endswith(".A")).shape[0]

@@ -10,7 +10,6 @@ DataDream / ChimeraLoRA: a job is one class; several images per optimizer step, 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 from pathlib import Path
@@ -23,6 +22,7 @@ from diffusers.optimization import get_scheduler
 
 from ..config import FitConfig
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..device import amp_context, amp_settings
 from .bank import LoRABank
 
 
@@ -74,15 +74,6 @@ def checkpoint_path(folder: Path, key: str) -> Path:
     """A job's resume state: safetensors + JSON (rareaug.checkpoint), never a pickle, so a file planted in a
     run directory cannot run code when `fit` resumes. (Older runs' `.pt` pickles are ignored, never read.)"""
     return folder / f"{key}{CHECKPOINT_SUFFIX}"
-
-
-def amp_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """bf16 autocast where the GPU has it, fp16 with loss scaling otherwise, fp32 on the CPU."""
-    if device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
 
 
 class JobRunner:
@@ -193,8 +184,7 @@ class JobRunner:
         target = torch.cat([d[1] for d in drawn]).to(self.device)
         timesteps = torch.cat([d[2] for d in drawn]).to(self.device)
         rows = [row for _, _, row, _, _ in samples]
-        autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
-        with autocast:
+        with amp_context(self.amp_dtype):
             embeds = self._embeds(rows)
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample
         dtype = torch.promote_types(prediction.dtype, torch.float32)  # float32 at least; float64 stays float64

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..run_dir import RunDir  # noqa: E402
 from ..sweep.curves import cells_at, group_intervals  # noqa: E402
 from .gather import ReportData  # noqa: E402
 
@@ -23,7 +24,7 @@ def curve_points(data: ReportData, model: str, method: str) -> list[dict]:
     by_ratio = {ratio: cells for ratio in ratios if (cells := cells_at(data.metrics, model, method, ratio))}
     points = []
     for ratio in sorted(by_ratio):
-        found = group_intervals(data.run / "sweep", by_ratio[ratio], [name for name, _ in CURVE_METRICS],
+        found = group_intervals(RunDir(data.run), by_ratio[ratio], [name for name, _ in CURVE_METRICS],
                                 data.groups, n_boot=500)
         if not found:
             continue

@@ -4,7 +4,6 @@ Only opaque ids leave here: split.csv's paths are used to open real images, neve
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.metadata
 from collections import Counter, defaultdict
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from ..errors import RareaugError
 from ..generate.manifest import Manifest, kept_rows
-from ..io import read_json
+from ..io import read_csv, read_json
 from ..run_dir import RunDir
 from ..split import SplitRow, read_split
 from ..sweep.curves import patient_groups
@@ -74,10 +73,10 @@ def gather(run_path: Path) -> ReportData:
     return ReportData(
         run=run.path, rows=rows, rare=rare, counts=dict(counts),
         data=read_json(run.data_json) or {},
-        pools=read_pools(run.path / "synthetic"),
-        summary=read_json(run.path / "sweep" / "summary.json"),
-        metrics=_csv(run.path / "sweep" / "metrics.csv"),
-        stages={p.stem: p.read_text() for p in sorted((run.path / "stages").glob("*.yaml"))},
+        pools=read_pools(run.synthetic),
+        summary=read_json(run.sweep_summary_json),
+        metrics=_csv(run.sweep_metrics),
+        stages={p.stem: p.read_text() for p in sorted(run.stages.glob("*.yaml"))},
         timings=read_json(run.timings_json) or {},
         versions=package_versions(VERSIONED),
     )
@@ -86,19 +85,16 @@ def gather(run_path: Path) -> ReportData:
 def read_pools(folder: Path) -> list[Pool]:
     """Every synthetic pool under RUN/synthetic with its manifest (shards of an interrupted run included)."""
     pools = []
-    for manifest in sorted(folder.glob("*/manifest.csv")):
-        summary = read_json(manifest.parent / "summary.json") or {}
-        rows = Manifest(manifest.parent).rows()
-        method = summary.get("method") or (rows[0]["method"] if rows else manifest.parent.name.split("-")[0])
-        pools.append(Pool(manifest.parent.name, method, manifest.parent, rows, summary))
+    for pool in sorted({manifest.parent for manifest in folder.glob("*/manifest*.csv")}):
+        summary = read_json(pool / "summary.json") or {}
+        rows = Manifest(pool).rows()
+        method = summary.get("method") or (rows[0]["method"] if rows else pool.name.split("-")[0])
+        pools.append(Pool(pool.name, method, pool, rows, summary))
     return pools
 
 
 def _csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path, fix="rerun `rareaug sweep-ratio` on this run")
 
 
 def package_versions(names) -> dict[str, str]:

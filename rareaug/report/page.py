@@ -17,6 +17,7 @@ from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_text
 from ..run_dir import RunDir
+from ..split import lora_images, split_folds
 from ..verdicts import GAIN, LOSS, TOO_FEW, gain_kind, gain_verdict
 from . import figures
 from .gather import ReportData, gather
@@ -41,7 +42,7 @@ def write_report(run_path: Path, real_images: bool = True) -> Path:
     """Write RUN/report.html atomically and return its path."""
     data = gather(run_path)
     page = render(data, real_images)
-    path = data.run / "report.html"
+    path = RunDir(data.run).report_html
     atomic_write_text(path, page)
     return path
 
@@ -155,7 +156,7 @@ def _images(data: ReportData, real_images: bool) -> str:
     if not data.pools:
         return ""
     rng = random.Random(0)
-    real_rows = [row for row in data.rows if row.rare and row.split == "train"]
+    real_rows = lora_images(data.rows, split_folds(data.rows))  # the real images the LoRAs learned
     parts = ["<h2>Real and synthetic images</h2>"]
     if real_images and real_rows:
         shown = sorted(rng.sample(real_rows, min(REAL_SHOWN, len(real_rows))), key=lambda r: r.id)
@@ -255,7 +256,7 @@ def _data(data: ReportData) -> str:
         problems[problem.get("kind", "other")] = problems.get(problem.get("kind", "other"), 0) + 1
     problem_text = (", ".join(f"{n} {html.escape(k)}" for k, n in sorted(problems.items())) if problems
                     else ("none" if data.data else "inspect was not run for this run directory"))
-    folds = max((row.fold for row in data.rows), default=0) + 1
+    folds = split_folds(data.rows)
     return ("<h2>Data</h2><table><tr><th>class</th><th>train</th><th>validation</th><th>test</th></tr>" + rows
             + f"</table><p>Folds: {folds}. Problems found by inspect: {problem_text}.</p>")
 

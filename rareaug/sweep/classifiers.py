@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..errors import RareaugError
+from ..errors import RareaugError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,7 +172,7 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and tensor errors alike: the user needs one line
-        detail = " ".join(str(error).split())[:160]
+        detail = one_line(error, 160)
         raise RareaugError(f"{what} {path}: cannot be read as a PyTorch state dict "
                            f"({type(error).__name__}: {detail})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
@@ -309,7 +309,7 @@ def _load_clip_vision(spec: str) -> nn.Module:
         model, info = CLIPVisionModelWithProjection.from_pretrained(
             source, local_files_only=True, dtype=torch.float32, output_loading_info=True)
     except Exception as error:  # OSError for no weights, ValueError for a folder of another model, ...
-        detail = " ".join(str(error).split())[:160]
+        detail = one_line(error, 160)
         raise RareaugError(f"{where}: cannot load a CLIP vision model ({detail}); {fix}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)

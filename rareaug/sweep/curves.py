@@ -2,25 +2,29 @@
 predictions: the mean over cells, each at its own validation threshold, with a 95% test-bootstrap interval."""
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..errors import RareaugError
+from ..io import read_csv
+from ..run_dir import RunDir
 from .metrics import seed_mean_intervals
 
 
-def cell_predictions(sweep_dir: Path, cell: str, split: str = "test") -> list[dict]:
+def read_predictions(run: RunDir, cell: str) -> list[dict]:
+    """One cell's saved predictions (every split, in file order)."""
+    return read_csv(run.sweep_predictions(cell), missing_ok=False, fix="rerun `rareaug sweep-ratio` on this run")
+
+
+def cell_predictions(run: RunDir, cell: str, split: str = "test") -> list[dict]:
     """One cell's saved predictions on a split, sorted by image id so cells line up."""
-    path = Path(sweep_dir) / "predictions" / f"{cell}.csv"
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return sorted((row for row in csv.DictReader(handle) if row["split"] == split), key=lambda row: row["id"])
-    except (OSError, KeyError) as error:
-        raise RareaugError(f"{path}: missing or unreadable ({error}); rerun `rareaug sweep-ratio` on this run") from error
+        return sorted((row for row in read_predictions(run, cell) if row["split"] == split), key=lambda row: row["id"])
+    except KeyError as error:
+        raise RareaugError(f"{run.sweep_predictions(cell)}: unreadable (no column {error}); rerun `rareaug "
+                           "sweep-ratio` on this run") from error
 
 
-def group_intervals(sweep_dir: Path, cells: Sequence[dict], metrics: Sequence[str], group_of: dict[str, str],
+def group_intervals(run: RunDir, cells: Sequence[dict], metrics: Sequence[str], group_of: dict[str, str],
                     n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """metric -> (mean over `cells` (rows of metrics.csv), low, high); {} when none has test predictions.
 
@@ -28,12 +32,12 @@ def group_intervals(sweep_dir: Path, cells: Sequence[dict], metrics: Sequence[st
     """
     runs, ids = [], None
     for cell in cells:
-        test = cell_predictions(sweep_dir, cell["cell"])
+        test = cell_predictions(run, cell["cell"])
         if not test:
             continue
         cell_ids = [row["id"] for row in test]
         if ids is not None and cell_ids != ids:
-            raise RareaugError(f"{sweep_dir}: cells {cells[0]['cell']} and {cell['cell']} were tested on different "
+            raise RareaugError(f"{run.sweep}: cells {cells[0]['cell']} and {cell['cell']} were tested on different "
                                "images; rerun `rareaug sweep-ratio` on this run")
         ids, labels = cell_ids, [int(row["label"]) for row in test]
         runs.append(([float(row["score"]) for row in test], float(cell["threshold"])))

@@ -9,7 +9,7 @@ import torch
 
 from ..config import RecipeConfig
 from ..images import model_input
-from ..split import SplitRow
+from ..split import SplitRow, fold_view, seen_rows
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class CellData:
 def class_names(rows: list[SplitRow]) -> list[str]:
     """The multi-class task's classes: the rare class first, then the others in name order — from train
     and validation rows only: a class seen only in test must not shape the model."""
-    seen = [r for r in rows if r.split != "test"]
+    seen = seen_rows(rows)
     rare = [r.cls for r in seen if r.rare][:1]
     return rare + sorted({r.cls for r in seen} - set(rare))
 
@@ -58,15 +58,10 @@ def real_example(row: SplitRow, classes: list[str] | None = None) -> Example:
 
 def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Example],
               scored: list[Example] = ()) -> CellData:
-    """K = 1: train / val / test as split. K > 1: fold `fold` validates, the other folds train."""
+    """Fold `fold`'s real train / validate / test images (`split.fold_view`) and the cell's synthetic ones."""
     classes = class_names(rows)
-    test = [real_example(r, classes) for r in rows if r.split == "test"]
-    if folds > 1:
-        train = [real_example(r, classes) for r in rows if r.split != "test" and r.fold != fold]
-        val = [real_example(r, classes) for r in rows if r.split != "test" and r.fold == fold]
-    else:
-        train = [real_example(r, classes) for r in rows if r.split == "train"]
-        val = [real_example(r, classes) for r in rows if r.split == "val"]
+    view = fold_view(rows, folds, fold if folds > 1 else None)
+    train, val, test = ([real_example(r, classes) for r in part] for part in (view.train, view.validate, view.test))
     return CellData(train + synthetic, val, test, list(scored))
 
 

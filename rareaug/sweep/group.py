@@ -18,8 +18,9 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import AugmentConfig, SweepConfig
+from ..device import bf16_autocast
 from .data import CellData, ImageCache
-from .train import CellOutcome, _adamw, _criterion, _loss, autocast, cosine_schedule, is_check_step, next_batch, scores
+from .train import CellOutcome, train_cell, _adamw, _criterion, _loss, cosine_schedule, is_check_step, next_batch, scores
 
 
 def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: SweepConfig,
@@ -27,8 +28,6 @@ def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: S
                 weights: list[torch.Tensor | None]) -> list[CellOutcome]:
     """train_cell for every (model, cell) pair at once; the models end holding their best states."""
     if len(models) == 1:  # nothing to share: the plain loop, with no vmap overhead
-        from .train import train_cell
-
         return [train_cell(models[0], cells[0], cache, sweep, augment_config, pos_weights[0], seeds[0], device,
                            weights[0])]
     for model in models:
@@ -63,7 +62,7 @@ def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: S
             examples, images, orders[k] = next_batch(cell, orders[k], sweep, generators[k], cache, augment_config)
             chosen.append(examples)
             batches.append(images)
-        with autocast(device):
+        with bf16_autocast(device):
             logits = batched(params, buffers, torch.stack(batches).to(device)).float()
         loss = sum(_criterion(logits[k], chosen[k], losses_weight[k], weights[k] is not None)
                    for k in range(len(cells)))

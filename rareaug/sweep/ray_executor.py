@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from ..config import Config
-from ..errors import RareaugError
+from ..errors import RareaugError, one_line
+from ..run_dir import RunDir
 
 # Decoded images per worker process, kept between the cells it runs (Ray reuses its worker processes).
 _WORKER_CACHES: dict = {}
@@ -39,7 +39,7 @@ def run_cells_on_ray(plans: list, finished: Callable) -> None:
             ray.init(address=sw.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise RareaugError(f"--ray-address {sw.ray_address}: no Ray cluster there "
-                               f"({' '.join(str(error).split())[:160]}); start one with `ray start --head`, or leave "
+                               f"({one_line(error, 160)}); start one with `ray start --head`, or leave "
                                "--ray-address out to run a local one") from None
     pending: dict = {}
     try:
@@ -47,7 +47,7 @@ def run_cells_on_ray(plans: list, finished: Callable) -> None:
         cwd = os.getcwd()  # relative run paths resolve in the workers as they do here
         for plan in plans:
             for cell, key, make_data in plan.todo:
-                pending[task.remote(cell, make_data(), plan.config, str(plan.out), cwd)] = (plan, cell, key)
+                pending[task.remote(cell, make_data(), plan.config, str(plan.run.path), cwd)] = (plan, cell, key)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             plan, cell, key = pending.pop(ready[0])
@@ -66,15 +66,15 @@ def run_cells_on_ray(plans: list, finished: Callable) -> None:
             ray.shutdown()
 
 
-def _run_cell_task(cell, data, config: Config, out: str, cwd: str) -> dict:
+def _run_cell_task(cell, data, config: Config, run: str, cwd: str) -> dict:
     """One cell in a Ray worker: the same `run_cell` the local executor calls, with as many threads as CPUs asked."""
     import torch
 
-    from ..fit import resolve_device
+    from ..device import resolve_device
     from .stage import run_cell
 
     os.chdir(cwd)
     torch.set_num_threads(max(1, int(config.sweep.cpus_per_cell)))
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it granted (none when --gpus-per-cell is 0): "cuda" is that one.
     device = resolve_device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
-    return run_cell(cell, data, config, _WORKER_CACHES, device, Path(out))
+    return run_cell(cell, data, config, _WORKER_CACHES, device, RunDir(run))

@@ -7,16 +7,15 @@ images are the first ones of ratio r' > r and the curve measures the amount, not
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import time
 import traceback
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,20 +26,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import __version__
 from ..config import GENERATE_METHODS, Config, parse_ratios
 from ..errors import RareaugError
-from ..fit import resolve_device
+from ..device import resolve_device
 from ..generate.manifest import Manifest, kept_rows
-from ..io import atomic_write_json, atomic_write_text
+from ..images import model_input
+from ..io import atomic_write_json, atomic_write_text, write_csv
 from ..run_dir import RunDir, check_rare_validation, frozen_split, timed_stage
-from ..split import SplitRow
+from ..split import SplitRow, fold_view, seen_rows
 from ..verdicts import GAIN, LOSS, NOISE, TOO_FEW, gain_kind, gain_verdict
 from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
+from .curves import read_predictions
 from .data import CellData, Example, ImageCache, cell_data
 from .diversity import diversity
 from .group import train_group
 from .train import class_weights, positive_weight, scores
 
-TEST_METRICS = ("recall", "precision", "f1", "pr_auc", "auroc", "sens_at_95spec")
+TEST_METRICS = M.METRICS
 METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_rare", "n_real_neg", "n_synth", "n_train",
                   "task", "pos_weight_rule", "pos_weight", "threshold", *TEST_METRICS,
                   *(f"{m}_ci_{end}" for m in TEST_METRICS for end in ("low", "high")),
@@ -48,6 +49,7 @@ METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_ra
                   "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
 
 BASELINE = "none"
+PoolMaker = Callable[[Config], tuple[Path, Optional[str]]]  # a pool's config -> (its folder, why it stopped short)
 # Where and how cells run, not what they compute (a grouped cell equals the cell alone within float rounding).
 EXECUTION = ("executor", "ray_address", "gpus_per_cell", "cpus_per_cell", "group_cells")
 GROUP_ON_GPU = 16  # cells trained at once by default on a GPU; on a CPU one at a time
@@ -75,7 +77,7 @@ class SweepPlan:
     config: Config
     rows: list[SplitRow]
     pools: dict
-    out: Path
+    run: RunDir
     n_cells: int
     results: list[dict]
     todo: list  # (cell, config hash, make_data) for the cells without a valid done marker
@@ -84,21 +86,24 @@ class SweepPlan:
 
 
 @timed_stage(lambda config: "sweep-ratio")
-def sweep(config: Config, given: set[str] = frozenset(), console: Console | None = None) -> dict:
+def sweep(config: Config, make_pool: PoolMaker, given: set[str] = frozenset(), console: Console | None = None) -> dict:
+    """Args: make_pool: fills a method's synthetic pool (the generate stage, which the CLI hands in: stages
+    never import each other) and returns its folder and why the guard stopped it short, if it did."""
     console = console or Console(stderr=True)
-    plan = plan_sweep(config, given, console)
+    plan = plan_sweep(config, given, console, make_pool)
     execute([plan], console)
     return finish_sweep(plan, console)
 
 
-def sweep_classes(configs: list[Config], given: set[str] = frozenset(), console: Console | None = None) -> list[dict]:
+def sweep_classes(configs: list[Config], make_pool: PoolMaker, given: set[str] = frozenset(),
+                  console: Console | None = None) -> list[dict]:
     """Several rare classes, each in its own run: with --executor ray all their cells share the cluster at
     once; locally they run one class after another."""
     console = console or Console(stderr=True)
     if configs[0].sweep.executor != "ray":
-        return [sweep(config, given, console) for config in configs]
+        return [sweep(config, make_pool, given, console) for config in configs]
     started = time.monotonic()
-    plans = [plan_sweep(config, given, console) for config in configs]
+    plans = [plan_sweep(config, given, console, make_pool) for config in configs]
     execute(plans, console)
     summaries = [finish_sweep(plan, console, raise_failed=False) for plan in plans]
     for plan in plans:  # the classes ran side by side: each run records the shared wall time
@@ -110,9 +115,8 @@ def sweep_classes(configs: list[Config], given: set[str] = frozenset(), console:
     return summaries
 
 
-def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
-    sw = config.sweep
-    # 1. Check the grid before anything runs.
+def _checked_grid(sw) -> tuple[list[float], list[str], list[str]]:
+    """The grid's ratios, methods and models, each checked (classifier weights too) before anything runs."""
     ratios = parse_ratios(sw.ratios)
     methods = [m.strip() for m in sw.methods.split(",") if m.strip()]
     models = [m.strip() for m in sw.models.split(",") if m.strip()]
@@ -128,12 +132,30 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
         if not (sw.executor == "ray" and sw.ray_address):
             create_classifier(model.removeprefix("tiny-"), pretrained=sw.pretrained, weights_path=sw.weights,
                               tiny=model.startswith("tiny-"), clip_model=sw.clip_model)
+    return ratios, methods, models
+
+
+def _grid_cells(sw, ratios: list[float], methods: list[str], models: list[str], folds: int) -> list[Cell]:
+    """Ratio 0 once per (model, seed, fold); every other ratio per method."""
+    cells = []
+    for model in models:
+        for seed in range(sw.seeds):
+            for fold in range(folds):
+                if 0 in ratios:
+                    cells.append(Cell(BASELINE, model, 0.0, seed, fold, sw.task))
+                cells += [Cell(method, model, r, seed, fold, sw.task) for method in methods for r in ratios if r > 0]
+    return cells
+
+
+def plan_sweep(config: Config, given: set[str], console: Console, make_pool: PoolMaker) -> SweepPlan:
+    sw = config.sweep
+    # 1. Check the grid before anything runs.
+    ratios, methods, models = _checked_grid(sw)
     rows, config, _ = frozen_split(config, given)
     run, folds = RunDir(config.run_dir()), config.split.folds
     check_rare_validation(rows, folds, str(run.split_csv))  # before any pool is made; old splits were not checked
-    out = run.path / "sweep"
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "predictions").mkdir(exist_ok=True)
+    run.sweep_cells.mkdir(parents=True, exist_ok=True)
+    run.sweep_predictions_folder.mkdir(exist_ok=True)
     run.write_stage_config("sweep", None, config)
 
     # 2. Synthetic pools, made on demand for the largest ratio once (smaller ratios take its first images).
@@ -142,16 +164,10 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
         for method in methods:
             for fold in range(folds):
                 pools[method, fold], stopped[method, fold] = synthetic_pool(config, rows, method, fold, max(ratios),
-                                                                            console)
+                                                                            make_pool)
 
-    # 3. The cells: ratio 0 once per (model, seed, fold); every other ratio per method.
-    cells = []
-    for model in models:
-        for seed in range(sw.seeds):
-            for fold in range(folds):
-                if 0 in ratios:
-                    cells.append(Cell(BASELINE, model, 0.0, seed, fold, sw.task))
-                cells += [Cell(method, model, r, seed, fold, sw.task) for method in methods for r in ratios if r > 0]
+    # 3. The cells.
+    cells = _grid_cells(sw, ratios, methods, models, folds)
 
     # 4. Each cell is skipped when its result exists under the same config hash.
     split_hash = hashlib.sha256(run.split_csv.read_bytes()).hexdigest()[:16]
@@ -163,7 +179,7 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
         synthetic = _prefix(pools, cell, rows, folds)
         scored = _pool_samples(pools, cell)
         key = _cell_hash(cell, config, split_hash, [f"{e.id}={e.digest}" for e in synthetic + scored])
-        marker = out / "cells" / f"{cell.name}.json"
+        marker = run.sweep_cell(cell.name)
         if marker.exists() and json.loads(marker.read_text()).get("hash") == key:
             results.append(json.loads(marker.read_text())["row"])
         else:
@@ -171,7 +187,7 @@ def plan_sweep(config: Config, given: set[str], console: Console) -> SweepPlan:
     if skipped:
         console.print(f"[yellow]sweep-ratio: {len(skipped)} cell(s) skipped, their pools stopped short by the "
                       "memorization guard (see summary.md); the other cells go on[/]", highlight=False, soft_wrap=True)
-    return SweepPlan(config, rows, pools, out, len(cells) - len(skipped), results, todo, skipped=skipped)
+    return SweepPlan(config, rows, pools, run, len(cells) - len(skipped), results, todo, skipped=skipped)
 
 
 def execute(plans: list[SweepPlan], console: Console) -> None:
@@ -188,7 +204,7 @@ def execute(plans: list[SweepPlan], console: Console) -> None:
                 plan.failed.append(cell.name)
                 console.print(f"[red]cell {cell.name} failed:[/] {escape(error)}", highlight=False)
             else:
-                atomic_write_json(plan.out / "cells" / f"{cell.name}.json", {"hash": key, "row": row})
+                atomic_write_json(plan.run.sweep_cell(cell.name), {"hash": key, "row": row})
                 plan.results.append(row)
             progress.update(task, advance=1, cell=cell.name)
 
@@ -205,8 +221,8 @@ def execute(plans: list[SweepPlan], console: Console) -> None:
                 progress.update(task, cell=group[0][0].name + (f" (+{len(group) - 1})" if len(group) > 1 else ""))
                 try:
                     cells = [(cell, data()) for cell, _, data in group]
-                    rows = (run_cells(cells, plan.config, caches, device, plan.out) if len(cells) > 1 else
-                            [run_cell(*cells[0], plan.config, caches, device, plan.out)])
+                    rows = (run_cells(cells, plan.config, caches, device, plan.run) if len(cells) > 1 else
+                            [run_cell(*cells[0], plan.config, caches, device, plan.run)])
                 except Exception as error:  # one failing cell (or group) must not lose the others
                     for cell, key, _ in group:
                         finished(plan, cell, key, None, f"{type(error).__name__}: {error}\n"
@@ -226,14 +242,14 @@ def _groups(todo: list, size: int) -> list[list]:
 
 def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -> dict:
     """Diversity per synthetic set, metrics.csv, the recommendation."""
-    config, out, results, failed = plan.config, plan.out, plan.results, plan.failed
+    config, run, results, failed = plan.config, plan.run, plan.results, plan.failed
     _add_diversity(results, plan.pools, plan.rows, config)
-    _write_metrics(out / "metrics.csv", results)
-    summary = summarise(results, out, config, failed, {row.id: row.group for row in plan.rows if row.group})
+    _write_metrics(run.sweep_metrics, results)
+    summary = summarise(results, run, config, failed, {row.id: row.group for row in plan.rows if row.group})
     summary["skipped_cells"] = plan.skipped
-    atomic_write_json(out / "summary.json", _strict_json(summary))
-    atomic_write_text(out / "summary.md", summary_markdown(summary))
-    console.print(f"sweep-ratio: {len(results)} cell(s) in {out}/metrics.csv; summary in {out}/summary.md")
+    atomic_write_json(run.sweep_summary_json, _strict_json(summary))
+    atomic_write_text(run.sweep_summary_md, summary_markdown(summary))
+    console.print(f"sweep-ratio: {len(results)} cell(s) in {run.sweep_metrics}; summary in {run.sweep_summary_md}")
     if failed and raise_failed:
         raise RareaugError(f"{len(failed)} cell(s) failed ({', '.join(failed[:3])}{'...' if len(failed) > 3 else ''}); "
                            "the others are saved: rerun the same command to retry the failed ones")
@@ -241,31 +257,24 @@ def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -
 
 
 def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int, max_ratio: float,
-                   console: Console) -> tuple[list[Example], str | None]:
+                   make_pool: PoolMaker) -> tuple[list[Example], str | None]:
     """The method's pool for this fold, filled to the largest ratio, as examples in pool order, and why the
     guard stopped it short (None when it is full)."""
-    from ..generate.stage import generate, source_rows, variant_name
-
     folds = config.split.folds
     fold_arg = fold if folds > 1 else None
-    n_real = len(source_rows(rows, folds, fold_arg))
-    n = math.ceil(max_ratio * n_real)
+    n = math.ceil(max_ratio * len(fold_view(rows, folds, fold_arg).rare_train))
     generate_config = dataclasses.replace(config.generate, method=method, n=n, ratio=None, fold=fold_arg,
                                           steps=config.sweep.generate_steps or config.generate.steps)
-    local = dataclasses.replace(config, generate=generate_config)
-    result = generate(local, set(), console=console)
-    variant = variant_name(local)
-    kept = kept_rows(Manifest(result.folder).rows())
+    folder, stopped = make_pool(dataclasses.replace(config, generate=generate_config))
+    kept = kept_rows(Manifest(folder).rows())
     cls = next(row.cls for row in rows if row.rare)
-    return [Example(f"{variant}:{row['file'][:-4]}", 1, result.folder / row["file"], None, "", True, 0,
-                    hashlib.sha256((result.folder / row["file"]).read_bytes()).hexdigest()[:16])
-            for row in kept if row["class"] == cls], result.stopped
+    return [Example(f"{folder.name}:{row['file'][:-4]}", 1, folder / row["file"], None, "", True, 0,
+                    hashlib.sha256((folder / row["file"]).read_bytes()).hexdigest()[:16])
+            for row in kept if row["class"] == cls], stopped
 
 
 def _needed(cell: Cell, rows: list[SplitRow], folds: int) -> int:
-    from ..generate.stage import source_rows
-
-    return int(round(cell.ratio * len(source_rows(rows, folds, cell.fold if folds > 1 else None))))
+    return int(round(cell.ratio * len(fold_view(rows, folds, cell.fold if folds > 1 else None).rare_train)))
 
 
 def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example]:
@@ -310,19 +319,19 @@ class CellJob:
     seed: int
 
 
-def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: torch.device, out: Path) -> dict:
-    return run_cells([(cell, data)], config, caches, device, out)[0]
+def run_cell(cell: Cell, data: CellData, config: Config, caches: dict, device: torch.device, run: RunDir) -> dict:
+    return run_cells([(cell, data)], config, caches, device, run)[0]
 
 
 def run_cells(cells: list[tuple[Cell, CellData]], config: Config, caches: dict, device: torch.device,
-              out: Path) -> list[dict]:
+              run: RunDir) -> list[dict]:
     """Cells of one architecture trained at once (sweep/group.py; one cell trains alone, train_cell); each
     result as the row of metrics.csv."""
     jobs = [prepare_cell(cell, data, config, caches) for cell, data in cells]
     outcomes = train_group([j.model for j in jobs], [j.data for j in jobs], jobs[0].cache, config.sweep,
                            config.recipe.augment, [j.pos_weight for j in jobs], [j.seed for j in jobs], device,
                            [j.weights for j in jobs])
-    return [finish_cell(job, outcome, config, device, out) for job, outcome in zip(jobs, outcomes)]
+    return [finish_cell(job, outcome, config, device, run) for job, outcome in zip(jobs, outcomes)]
 
 
 def prepare_cell(cell: Cell, data: CellData, config: Config, caches: dict) -> CellJob:
@@ -347,7 +356,7 @@ def prepare_cell(cell: Cell, data: CellData, config: Config, caches: dict) -> Ce
     return CellJob(cell, data, model, cache, pos_weight, weights, seed)
 
 
-def finish_cell(job: CellJob, outcome, config: Config, device: torch.device, out: Path) -> dict:
+def finish_cell(job: CellJob, outcome, config: Config, device: torch.device, run: RunDir) -> dict:
     """Threshold from validation, test metrics with intervals, the pool's scores, the predictions file."""
     cell, data, model, cache, pos_weight, seed, sw = (job.cell, job.data, job.model, job.cache, job.pos_weight,
                                                       job.seed, config.sweep)
@@ -363,7 +372,7 @@ def finish_cell(job: CellJob, outcome, config: Config, device: torch.device, out
     groups = [e.group or e.id for e in data.test]
     intervals = M.bootstrap_intervals(test_labels, outcome.test_scores, threshold, groups, sw.bootstrap, seed)
     pool_scores = scores(model, data.scored, cache, device) if data.scored else []
-    _write_predictions(out / "predictions" / f"{cell.name}.csv", data, outcome, pool_scores)
+    _write_predictions(run.sweep_predictions(cell.name), data, outcome, pool_scores)
     return {
         "cell": cell.name, "method": cell.method, "model": cell.model, "ratio": cell.ratio, "seed": cell.seed,
         "fold": cell.fold, "n_real_rare": data.n_real_rare, "n_synth": data.n_synth, "n_train": len(data.train),
@@ -377,20 +386,15 @@ def finish_cell(job: CellJob, outcome, config: Config, device: torch.device, out
 
 
 def _write_predictions(path: Path, data: CellData, outcome, pool_scores: list[float]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "split", "label", "score"])
-    for split, examples, values in (("val", data.val, outcome.val_scores), ("test", data.test, outcome.test_scores),
-                                    ("pool", data.scored, pool_scores)):
-        for example, score in zip(examples, values):
-            writer.writerow([example.id, split, example.label, f"{score:.6g}"])
-    atomic_write_text(path, buffer.getvalue())
+    parts = (("val", data.val, outcome.val_scores), ("test", data.test, outcome.test_scores),
+             ("pool", data.scored, pool_scores))
+    write_csv(path, ("id", "split", "label", "score"),
+              ([example.id, split, example.label, f"{score:.6g}"]
+               for split, examples, values in parts for example, score in zip(examples, values)))
 
 
 def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Config) -> None:
     """One figure per (method, ratio, fold) synthetic set, shared by its cells."""
-    from ..images import model_input
-
     cache: dict = {}
     reals = None
     for row in results:
@@ -402,8 +406,8 @@ def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Con
             cell = Cell(row["method"], row["model"], row["ratio"], row["seed"], row["fold"])
             images = _prefix(pools, cell, rows, config.split.folds)
             if reals is None:
-                reals = torch.stack([model_input(r.abs_path, 64, "center") / 2 + 0.5 for r in rows
-                                     if r.rare and r.split != "test"])
+                reals = torch.stack([model_input(r.abs_path, 64, "center") / 2 + 0.5 for r in seen_rows(rows)
+                                     if r.rare])
             stacked = torch.stack([model_input(e.path, 64, "center") / 2 + 0.5 for e in images]) if images else None
             cache[key] = diversity(stacked, reals) if stacked is not None else {
                 "diversity": float("nan"), "diversity_metric": "", "intra_cluster": float("nan")}
@@ -411,18 +415,15 @@ def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Con
 
 
 def _write_metrics(path: Path, results: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in sorted(results, key=lambda r: (r["model"], r["method"] != BASELINE, r["method"], r["ratio"],
-                                              r["seed"], r["fold"])):
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
+    ordered = sorted(results, key=lambda r: (r["model"], r["method"] != BASELINE, r["method"], r["ratio"], r["seed"],
+                                             r["fold"]))
+    write_csv(path, METRIC_COLUMNS, ({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+                                     for row in ordered))
 
 
 # --- the recommendation ------------------------------------------------------------------------------
 
-def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
+def summarise(results: list[dict], run: RunDir, config: Config, failed: list[str],
               group_of: dict[str, str] | None = None) -> dict:
     """Per model and method: the ratio with the best validation F1 (pooled out-of-fold validation
     predictions, averaged over seeds), its test metrics, and whether its gain over ratio 0 on test is
@@ -450,20 +451,20 @@ def summarise(results: list[dict], out: Path, config: Config, failed: list[str],
                 cells = [r for r in (baseline if ratio == 0 else rows) if r["ratio"] == ratio
                          and (ratio == 0 or r["method"] == method)]
                 if cells:
-                    table[ratio] = _ratio_summary(cells, out, sw)
+                    table[ratio] = _ratio_summary(cells, run, sw)
             if not table:
                 continue
             best = max(table, key=lambda r: (round(table[r]["val_f1"], 9), -r))
             entry = {"ratios": {f"{r:g}": v for r, v in table.items()}, "recommended_ratio": best}
             if best != 0 and 0 in table:
-                entry["gain_over_ratio_0"] = _gain(rows, baseline, method, best, out, sw, group_of or {})
+                entry["gain_over_ratio_0"] = _gain(rows, baseline, method, best, run, sw, group_of or {})
             entry["synthetic_helps"] = best != 0 and entry.get("gain_over_ratio_0", {}).get("verdict") == GAIN
             summary["models"][model][method] = entry
-    summary["pool_estimates"] = pool_estimates(results, out)
+    summary["pool_estimates"] = pool_estimates(results, run)
     return summary
 
 
-def pool_estimates(results: list[dict], out: Path) -> dict:
+def pool_estimates(results: list[dict], run: RunDir) -> dict:
     """Per model and pool: the share of the pool's first images that the ratio-0 models (real data only) call
     the rare class at their validation thresholds, averaged over seeds and folds. An estimate of fidelity by
     a classifier of the user's own real images, with that classifier's errors in it."""
@@ -472,7 +473,7 @@ def pool_estimates(results: list[dict], out: Path) -> dict:
         if row["method"] != BASELINE:
             continue
         by_pool: dict = {}
-        for prediction in _predictions(out, row["cell"]):
+        for prediction in read_predictions(run, row["cell"]):
             if prediction["split"] == "pool":
                 by_pool.setdefault(prediction["id"].rsplit(":", 1)[0], []).append(float(prediction["score"]))
         for variant, values in by_pool.items():
@@ -483,16 +484,16 @@ def pool_estimates(results: list[dict], out: Path) -> dict:
             for model, by in shares.items()}
 
 
-def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
+def _ratio_summary(cells: list[dict], run: RunDir, sw) -> dict:
     """Validation F1 and the threshold from each seed's pooled out-of-fold validation predictions; test F1
     of every fold's model at its seed's pooled threshold; and the per-cell test metrics, mean and sd."""
     val_f1, thresholds, test_f1_pooled_threshold = [], [], []
-    for seed, threshold in _pooled_thresholds(cells, out, sw).items():
-        labels, values = _pooled(cells, seed, "val", out)
+    for seed, threshold in _pooled_thresholds(cells, run, sw).items():
+        labels, values = _pooled(cells, seed, "val", run)
         val_f1.append(M.binary_metrics(labels, values, threshold)["f1"])
         thresholds.append(threshold)
         for cell in (c for c in cells if c["seed"] == seed):
-            rows = [r for r in _predictions(out, cell["cell"]) if r["split"] == "test"]
+            rows = [r for r in read_predictions(run, cell["cell"]) if r["split"] == "test"]
             test_f1_pooled_threshold.append(M.binary_metrics([int(r["label"]) for r in rows],
                                                              [float(r["score"]) for r in rows], threshold)["f1"])
     entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"],
@@ -504,36 +505,31 @@ def _ratio_summary(cells: list[dict], out: Path, sw) -> dict:
     return entry
 
 
-def _pooled_thresholds(cells: list[dict], out: Path, sw) -> dict[int, float]:
+def _pooled_thresholds(cells: list[dict], run: RunDir, sw) -> dict[int, float]:
     """Each seed's threshold, chosen on its pooled out-of-fold validation predictions."""
     thresholds = {}
     for seed in sorted({c["seed"] for c in cells}):
-        labels, values = _pooled(cells, seed, "val", out)
+        labels, values = _pooled(cells, seed, "val", run)
         thresholds[seed] = M.choose_threshold(labels, values, sw.threshold_rule, sw.target_sensitivity)
     return thresholds
 
 
-def _pooled(cells: list[dict], seed: int, split: str, out: Path) -> tuple[list[int], list[float]]:
+def _pooled(cells: list[dict], seed: int, split: str, run: RunDir) -> tuple[list[int], list[float]]:
     labels, values = [], []
     for cell in cells:
         if cell["seed"] != seed:
             continue
-        for row in _predictions(out, cell["cell"]):
+        for row in read_predictions(run, cell["cell"]):
             if row["split"] == split:
                 labels.append(int(row["label"]))
                 values.append(float(row["score"]))
     return labels, values
 
 
-def _predictions(out: Path, cell: str) -> list[dict]:
-    with open(out / "predictions" / f"{cell}.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 MIN_RUNS = 3  # fewer (seed, fold) runs per cell cannot say how much training noise moves the gain
 
 
-def _gain(rows, baseline, method, ratio, out, sw, group_of: dict[str, str]) -> dict:
+def _gain(rows, baseline, method, ratio, run: RunDir, sw, group_of: dict[str, str]) -> dict:
     """Test F1 of the recommended ratio minus ratio 0, for the models and thresholds the table reports:
     every (seed, fold) model at its seed's pooled-validation threshold, F1 averaged over those models.
 
@@ -546,14 +542,14 @@ def _gain(rows, baseline, method, ratio, out, sw, group_of: dict[str, str]) -> d
     runs = sorted({(r["seed"], r["fold"]) for r in baseline} & {(r["seed"], r["fold"]) for r in chosen})
     baseline = sorted((r for r in baseline if (r["seed"], r["fold"]) in runs), key=lambda r: (r["seed"], r["fold"]))
     chosen = sorted((r for r in chosen if (r["seed"], r["fold"]) in runs), key=lambda r: (r["seed"], r["fold"]))
-    ids, labels, before = _test_decisions(baseline, out, sw)
-    ids_b, _, after = _test_decisions(chosen, out, sw)
+    ids, labels, before = _test_decisions(baseline, run, sw)
+    ids_b, _, after = _test_decisions(chosen, run, sw)
     if ids != ids_b:
         return {"error": "ratio 0 and the chosen ratio were tested on different images"}
     groups = [group_of.get(i, i) for i in ids]
     kind = f"seeds x folds x test {'patients' if group_of else 'images'}"
-    low, high = two_level_interval(before, after, labels, groups, sw.bootstrap)
-    diff = mean_f1(after, labels) - mean_f1(before, labels)
+    low, high = M.two_level_interval(before, after, labels, groups, sw.bootstrap)
+    diff = M.mean_f1(after, labels) - M.mean_f1(before, labels)
     enough = len(runs) >= MIN_RUNS
     distinguishable = enough and bool(low > 0 or high < 0)
     verdict = (TOO_FEW if not enough else GAIN if distinguishable and low > 0
@@ -562,41 +558,16 @@ def _gain(rows, baseline, method, ratio, out, sw, group_of: dict[str, str]) -> d
             "verdict": verdict, "runs": len(runs), "interval_kind": kind}
 
 
-def two_level_interval(before: np.ndarray, after: np.ndarray, labels: np.ndarray, groups: list, n_boot: int,
-                       seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean_f1(after) - mean_f1(before) when runs (rows, paired between the two
-    sides) and test images (columns, by group) are both resampled with replacement."""
-    rng = np.random.default_rng(seed + 1)
-    n_runs = before.shape[0]
-    differences = []
-    for index in M.resample_indices(groups, len(labels), n_boot, seed):
-        picked = rng.integers(0, n_runs, n_runs)
-        differences.append(mean_f1(after[picked][:, index], labels[index])
-                           - mean_f1(before[picked][:, index], labels[index]))
-    low, high = np.nanpercentile(differences, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def _test_decisions(cells: list[dict], out: Path, sw) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _test_decisions(cells: list[dict], run: RunDir, sw) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(test ids, labels, decisions[cell, image]) with each seed's pooled-validation threshold."""
-    thresholds = _pooled_thresholds(cells, out, sw)
+    thresholds = _pooled_thresholds(cells, run, sw)
     ids, labels, decisions = None, None, []
     for cell in cells:
-        rows = sorted((r for r in _predictions(out, cell["cell"]) if r["split"] == "test"), key=lambda r: r["id"])
+        rows = sorted((r for r in read_predictions(run, cell["cell"]) if r["split"] == "test"), key=lambda r: r["id"])
         ids = ids or [r["id"] for r in rows]
         labels = np.array([int(r["label"]) for r in rows], dtype=bool)
         decisions.append(np.array([float(r["score"]) >= thresholds[cell["seed"]] for r in rows]))
     return ids, labels, np.stack(decisions)
-
-
-def mean_f1(decisions: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over rows of F1 (zero_division = 0, as sklearn's f1_score). By hand, vectorised: it runs for
-    every bootstrap resample and every model, where a call into sklearn per pair would take minutes."""
-    tp = (decisions & labels).sum(axis=1)
-    fp = (decisions & ~labels).sum(axis=1)
-    fn = (~decisions & labels).sum(axis=1)
-    denominator = 2 * tp + fp + fn
-    return float(np.mean(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)))
 
 
 def _strict_json(value):

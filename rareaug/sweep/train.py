@@ -3,7 +3,6 @@
 cosine schedule, and the state with the best validation loss kept."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 
 from ..config import AugmentConfig, SweepConfig
+from ..device import bf16_autocast
 from .data import CellData, Example, ImageCache
 
 
@@ -72,7 +72,7 @@ def train_cell(model, cell: CellData, cache: ImageCache, sweep: SweepConfig, aug
     for step in range(1, sweep.steps + 1):
         model.train()
         examples, images, order = next_batch(cell, order, sweep, generator, cache, augment_config)
-        with autocast(device):
+        with bf16_autocast(device):
             logits = model(images.to(device)).float()
         loss = _criterion(logits, examples, weight, weights is not None)
         loss.backward()
@@ -104,8 +104,6 @@ def cosine_schedule(optimizer, sweep: SweepConfig):
                          num_training_steps=sweep.steps)
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def is_check_step(step: int, sweep: SweepConfig) -> bool:

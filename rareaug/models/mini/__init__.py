@@ -15,7 +15,7 @@ from typing import Any
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from ...errors import RareaugError
+from ...errors import RareaugError, one_line
 from ..tiny import BOS_TOKEN_ID, CLIP_VOCAB_SIZE, EOS_TOKEN_ID, MODEL_MAX_LENGTH, clip_tokenizer
 
 MINI_FOLDER = Path(__file__).parent / "weights"
@@ -106,7 +106,7 @@ def load_mini_components(folder: Path = MINI_FOLDER) -> dict[str, Any]:
             "scheduler": DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler", local_files_only=True),
         }
     except Exception as error:  # diffusers/transformers raise many types; the user needs one line
-        raise RareaugError(f"{folder}: the mini model did not load ({str(error).splitlines()[0][:200]}); "
+        raise RareaugError(f"{folder}: the mini model did not load ({one_line(error)}); "
                            f"reinstall rareaug") from error
     components["tokenizer"] = clip_tokenizer()
     return components

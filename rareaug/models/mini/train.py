@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ...checkpoint import load_checkpoint, save_checkpoint
+from ...device import bf16_autocast, device_label
 from ...errors import RareaugError
 from ...io import atomic_write_json, read_json
 from ...samples.fashion_mnist import CLASSES, COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
@@ -327,8 +328,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, recipe: Recipe, device, work:
     unet.to(device).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
     ema = make_ema(unet.parameters(), recipe)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = bf16_autocast(device)
 
     def step_fn(_: int) -> torch.Tensor:
         pick = torch.randint(len(means), (recipe.unet_batch,), generator=generator, device=device)
@@ -491,7 +491,7 @@ def run(args, argv) -> None:
     torch.manual_seed(args.seed)  # the architecture's initial weights
     modules = build_untrained()
     tokenizer = clip_tokenizer()
-    log({"device": _device_label(device), "work": str(folders["unet"].parent), "recipe": args.recipe})
+    log({"device": device_label(device), "work": str(folders["unet"].parent), "recipe": args.recipe})
     done = [stage("clip", {"clip": modules["clip"]},
                   lambda work: train_clip(modules["clip"], tokenizer, recipe, device, work, clock, log, args.seed)),
             stage("vae", {"vae": modules["vae"]},
@@ -511,7 +511,7 @@ def run(args, argv) -> None:
     summary.update({
         "gate": quality_gate(staging, device, n=args.samples_per_class),
         "recipe_name": args.recipe, "recipe": dataclasses.asdict(recipe), "seed": args.seed,
-        "device": _device_label(device), "training_minutes": minutes,
+        "device": device_label(device), "training_minutes": minutes,
         "command": "python -m rareaug.models.mini.train " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in modules[name].parameters()) for name in COMPONENTS},
@@ -526,12 +526,6 @@ def run(args, argv) -> None:
     staging.rename(args.out)
     shutil.rmtree(replaced, ignore_errors=True)
     log({"done": True, "gate": summary["gate"]["passed"]})
-
-
-def _device_label(device: torch.device) -> str:
-    from ...fit import device_label
-
-    return device_label(device)
 
 
 if __name__ == "__main__":
