@@ -22,14 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rareaug.config import FitConfig  # noqa: E402
-from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank  # noqa: E402
-from rareaug.device import amp_context, amp_settings  # noqa: E402
-from rareaug.lora.train import Job, JobRunner, TrainData  # noqa: E402
-
-from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
 import common  # noqa: E402
-
+from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
+from rareaug.config import FitConfig  # noqa: E402
+from rareaug.device import amp_context, amp_settings  # noqa: E402
+from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank  # noqa: E402
+from rareaug.lora.train import Job, JobRunner, TrainData  # noqa: E402
 
 
 def build_unet(model: str, device, dtype):
@@ -113,7 +111,8 @@ def bank_way(unet, scheduler, latent, context, device, n: int, steps: int, warmu
             if isinstance(module, BasicTransformerBlock):
                 module.compile(dynamic=False)
     data = TrainData([f"r{i:04d}" for i in range(n)],
-                     torch.cat([torch.randn(n, 4, latent, latent), torch.full((n, 4, latent, latent), -4.0)], 1).to(device),
+                     torch.cat([torch.randn(n, 4, latent, latent), torch.full((n, 4, latent, latent), -4.0)],
+                               1).to(device),
                      torch.randn(n, 77, context).to(device), 0.18215)
     total = warmup + steps
     config = FitConfig(method="loft", steps=total, rank=2, alpha=2.0, lr=1e-3, samples_per_step=1,
@@ -162,7 +161,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reference-steps", type=int, default=30)
-    parser.add_argument("--checkpointed", type=int, default=16, help="bank size timed with gradient checkpointing (24 GB cards)")
+    parser.add_argument("--checkpointed", type=int, default=16,
+                        help="bank size timed with gradient checkpointing (24 GB cards)")
     parser.add_argument("--compile", action="store_true", help="also time the largest bank with regional torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")

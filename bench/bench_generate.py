@@ -20,14 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
 import common  # noqa: E402
-
+from common import device_name, emit, finish, peak_gib, reset_peak, sync  # noqa: E402  (bench/ is on sys.path)
+from rareaug.device import amp_settings  # noqa: E402
 from rareaug.generate import plans  # noqa: E402
 from rareaug.generate.sampler import BankSampler, SampleRequest, make_scheduler  # noqa: E402
 from rareaug.lora.bank import LoRABank  # noqa: E402
 from rareaug.lora.files import bank_from_lora_files, to_diffusers_state  # noqa: E402
-from rareaug.device import amp_settings  # noqa: E402
 
 PROMPT = "a photo of a crack"
 
@@ -136,7 +135,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--adapters", type=int, default=16, help="LoRAs of the class (all loaded in the reference)")
     parser.add_argument("--reference-images", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time the largest batch with regional torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the largest batch with regional torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

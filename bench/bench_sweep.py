@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     sweep = dataclasses.replace(config.sweep, steps=args.steps, batch_size=32)
     summary = {"command": "python bench/bench_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+               "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                          else f"cpu ({torch.get_num_threads()} threads)"),
                "model": "resnet18, random init, 32 px, batch 32", "steps": args.steps}
     with tempfile.TemporaryDirectory() as folder:
         cells = make_cells(Path(folder), args.cells)

@@ -32,14 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import rareaug  # noqa: E402
-from rareaug.models.mini import MINI_FOLDER  # noqa: E402
-from rareaug.samples.fashion_mnist import (CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset,  # noqa: E402
-                                           write_class_folders)
-from rareaug.report.gather import package_versions, read_pools  # noqa: E402
 from rareaug.config import LORA_METHODS  # noqa: E402
 from rareaug.device import device_label, resolve_device  # noqa: E402
 from rareaug.io import atomic_write_text, read_json  # noqa: E402
+from rareaug.models.mini import MINI_FOLDER  # noqa: E402
+from rareaug.report.gather import package_versions, read_pools  # noqa: E402
 from rareaug.run_dir import RunDir  # noqa: E402
+from rareaug.samples.fashion_mnist import CLASSES, RARE_CLASSES, load_fashion_mnist, seeded_subset, write_class_folders  # noqa: E402
 from rareaug.split import read_split  # noqa: E402
 from rareaug.sweep.curves import cells_at, group_intervals, patient_groups  # noqa: E402
 from rareaug.verdicts import gain_kind, gain_verdict  # noqa: E402
@@ -56,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rare", required=True, choices=RARE_CLASSES)
     parser.add_argument("--k", type=int, default=20, help="real rare training images (train + validation)")
     parser.add_argument("--seeds", type=int, default=None, help="classifier seeds per cell (3; --quick 1)")
-    parser.add_argument("--folds", type=int, default=1, help="cross-validation folds over the k images (1: one val split)")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="cross-validation folds over the k images (1: one val split)")
     parser.add_argument("--quick", action="store_true", help=f"ratios {QUICK_RATIOS} and 1 seed")
     parser.add_argument("--ratios", default=None, help=f"override the ratios ({FULL_RATIOS})")
     parser.add_argument("--sweep-steps", type=int, default=None, help="classifier steps per cell (recipe: 500)")
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--in-process", action="store_true",
                         help="run the rareaug commands in this process (no start-up per command; smoke runs)")
-    parser.add_argument("--work", type=Path, default=None, help="run folder (default runs/evidence-<class>-k<k>[-quick])")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="run folder (default runs/evidence-<class>-k<k>[-quick])")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if args.k < 5:
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                      f"{', '.join(LORA_METHODS + BASELINES)}")
-    tag = f"evidence-{args.rare}-k{args.k}" + ("-quick" if args.quick else "") + (f"-{args.label}" if args.label else "")
+    tag = (f"evidence-{args.rare}-k{args.k}" + ("-quick" if args.quick else "")
+           + (f"-{args.label}" if args.label else ""))
     work = args.work or ROOT / "runs" / tag
     started = time.monotonic()
 
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--config", "fashion_mnist", "--run", str(run), "--device", args.device]
     split = ["--data", str(data), "--test-data", str(test), "--rare", args.rare, "--folds", str(args.folds)]
     fit_steps = ["--steps", str(args.fit_steps)] if args.fit_steps else []
-    commands = [["fit", *common, *split, "--method", method, *fit_steps] for method in LORA_METHODS if method in methods]
+    commands = [["fit", *common, *split, "--method", method, *fit_steps]
+                for method in LORA_METHODS if method in methods]
     sweep = ["sweep-ratio", *common, "--folds", str(args.folds), "--methods", ",".join(methods),
              "--seeds", str(seeds), "--ratios", ratios]
     if args.sweep_steps:
@@ -183,13 +186,16 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "rare": args.rare, "k": args.k, "n_other": args.other_per_class, "seeds": seeds, "folds": args.folds,
         "ratios": ratios, "methods": args.methods,
         "n_real_rare_train": int(first["n_real_rare"]), "n_val_pos": int(first["n_val_pos"]),
-        "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]), "n_test_neg": int(first["n_test_neg"]),
+        "n_val_neg": int(first["n_val_neg"]), "n_test_pos": int(first["n_test_pos"]),
+        "n_test_neg": int(first["n_test_neg"]),
         "summary": summary, "table": table, "guard": _guard(run), "pools": pool_fidelity(run, args.rare, table),
         "minutes": minutes, "total_minutes": total,
         "stage_times": read_json(run / "timings.json") or {},
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
-        "device": device_label(resolve_device(args.device)), "versions": _versions(), "date": datetime.date.today().isoformat(),
-        "mini_unet_sha256": hashlib.sha256((MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
+        "device": device_label(resolve_device(args.device)), "versions": _versions(),
+        "date": datetime.date.today().isoformat(),
+        "mini_unet_sha256": hashlib.sha256(
+            (MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
     }
 
 
@@ -290,20 +296,21 @@ def markdown(e: dict) -> str:
         f"# Evidence: {e['rare']}, k = {e['k']} real images",
         "",
         f"Rare class **{e['rare']}** (never seen by the `rareaug-mini` base model). Training data: {e['k']} real "
-        f"{e['rare']} images ({e['n_real_rare_train']} train, {e['n_val_pos']} validation) and {e.get('n_other', N_OTHER)} real images "
+        f"{e['rare']} images ({e['n_real_rare_train']} train, {e['n_val_pos']} validation) and "
+        f"{e.get('n_other', N_OTHER)} real images "
         f"of each other class; test: the real Fashion-MNIST test set ({e['n_test_pos']} {e['rare']}, "
         f"{e['n_test_neg']} others). Classifier: ResNet18 from scratch at 32 px, {e['seeds']} seed(s), "
         f"{e['folds']} fold(s). Threshold and recommended ratio from validation only.",
         "",
         "Each cell: test metric averaged over seeds (and folds) at each run's validation threshold, with a 95% "
-        "bootstrap interval over the test images; ± is the SD of test F1 between runs (seeds x folds). ← marks the ratio "
-        "recommended on validation. Ratio 0 (no synthetic images) is the same models in every table.",
+        "bootstrap interval over the test images; ± is the SD of test F1 between runs (seeds x folds). ← marks the "
+        "ratio recommended on validation. Ratio 0 (no synthetic images) is the same models in every table.",
         "",
         "## Headline: validation's choices only",
         "",
-        "Ratio 0 and, per method, the ratio validation recommended (never a row the test set preferred). Test F1 is the "
-        "mean of each run's F1 at its own validation threshold; the gain is measured as rareaug measures it, at each "
-        "seed's pooled out-of-fold threshold (the F1s it compares are in brackets). Its interval resamples runs "
+        "Ratio 0 and, per method, the ratio validation recommended (never a row the test set preferred). Test F1 is "
+        "the mean of each run's F1 at its own validation threshold; the gain is measured as rareaug measures it, at "
+        "each seed's pooled out-of-fold threshold (the F1s it compares are in brackets). Its interval resamples runs "
         "(seeds x folds) and test images; a verdict needs at least 3 runs. The last column "
         "is the share of the method's pool images the benchmark's ruler judges to be the rare garment.",
         "",
@@ -313,9 +320,11 @@ def markdown(e: dict) -> str:
     for key in sorted({k.rsplit("|", 1)[0] for k in e["table"]}):
         model, method = key.split("|")
         lines += [f"## {method} ({model})", "",
-                  "| ratio | synthetic | val F1 | test F1 [95% CI] | ± runs | recall [95% CI] | PR-AUC [95% CI] | diversity |",
+                  "| ratio | synthetic | val F1 | test F1 [95% CI] | ± runs | recall [95% CI] | PR-AUC [95% CI] | "
+                  "diversity |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row_key in sorted((k for k in e["table"] if k.startswith(key + "|")), key=lambda k: float(k.rsplit("|", 1)[1])):
+        for row_key in sorted((k for k in e["table"] if k.startswith(key + "|")),
+                              key=lambda k: float(k.rsplit("|", 1)[1])):
             ratio = float(row_key.rsplit("|", 1)[1])
             row = e["table"][row_key]
             mark = " ←" if recommended.get((model, method)) == ratio else ""
@@ -336,7 +345,8 @@ def markdown(e: dict) -> str:
               "| --- | --- | --- | --- | --- | --- |"]
     for variant, p in e.get("pools", {}).items():
         others = ", ".join(f"{k} {v:.0%}" for k, v in list(p["judged_as"].items())[:3]) or "—"
-        diversity = f"{p['diversity']:.3f} ({p['diversity_metric']}, {p['diversity_ratio']:g}×)" if "diversity" in p else "—"
+        diversity = (f"{p['diversity']:.3f} ({p['diversity_metric']}, {p['diversity_ratio']:g}×)" if "diversity" in p
+                     else "—")
         estimate = ", ".join(f"{v:.0%} ({m})" for m, v in p["estimate"].items()) or "—"
         lines.append(f"| {variant} | {p['images']} | {p['judged_rare']:.0%} | {others} | {diversity} | {estimate} |")
     lines += ["", "## Memorisation guard", "", "| pool | made | rejected | rule | ratio / threshold |",

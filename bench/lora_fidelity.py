@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from evidence import _relative, _versions, judged_shares, run_rareaug, write_data  # noqa: E402
-
 from rareaug.config import build_config  # noqa: E402
 from rareaug.generate.guard import Guard  # noqa: E402
 from rareaug.images import model_input  # noqa: E402
@@ -176,8 +175,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['name']} | {row['judged_rare']:.0%} of {row['counted']} | {goal} | {others or '—'} | "
                      f"{row['near_copy_share']:.0%} | {source} | {row['distance_to_nearest_other_mean']:.3f} | "
                      f"{row['diversity']:.3f} |")
-    lines += ["", f"Real {r['rare']} images to their nearest other real {r['rare']}: {r['real_to_nearest_real_mean']:.3f} "
-              f"on average. Diversity: {r['diversity_metric']} (mean pairwise distance of the counted images).", "",
+    lines += ["", f"Real {r['rare']} images to their nearest other real {r['rare']}: "
+              f"{r['real_to_nearest_real_mean']:.3f} on average. Diversity: {r['diversity_metric']} (mean pairwise "
+              f"distance of the counted images).", "",
               "## How it was made", "", f"- `{r['command']}` ({r['date']}, {r['minutes']:.1f} minutes)",
               *[f"  - `{c}`" for c in r["commands"]],
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import DecodeError, Decoded, decode
+from .decode import Decoded, DecodeError, decode
 from .layouts import scan as scan_layout
 from .layouts.common import rareaug_folders
 from .records import DataError, Problem, Record, Scan, one_line

@@ -30,7 +30,8 @@ def save_checkpoint(path: Path, state: Any) -> None:
             tensors[key] = value.detach().to("cpu").contiguous()
             return {_TENSOR: key}
         if isinstance(value, dict):
-            return {"dict": [[split(k, f"{key}.k{i}"), split(v, f"{key}.{i}")] for i, (k, v) in enumerate(value.items())]}
+            return {"dict": [[split(k, f"{key}.k{i}"), split(v, f"{key}.{i}")]
+                             for i, (k, v) in enumerate(value.items())]}
         if isinstance(value, (list, tuple)):
             return {"list": [split(v, f"{key}.{i}") for i, v in enumerate(value)]}
         if value is None or isinstance(value, (bool, int, float, str)):

@@ -28,25 +28,44 @@ error_console = Console(stderr=True)
 
 # Options shared by the stage commands, defined once. `None` means "not given": recipe or default applies.
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default runs/<rare>).")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Recipe name (chest_xray, magnetic_tile, mvtec, natural, fashion_mnist) or a YAML path.")]
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    "--config", help="Recipe name (chest_xray, magnetic_tile, mvtec, natural, fashion_mnist) or a YAML path.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for every random choice (default 0).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Folder of images, a dataset root, or a CSV file.")]
-LayoutOpt = Annotated[Optional[str], typer.Option("--layout", help="folder, mt, mvtec, nih-cxr14, csv (default: detected).")]
-RareOpt = Annotated[Optional[str], typer.Option("--rare", help="The rare class (case-insensitive), e.g. crack or Pneumothorax; fit takes a,b,c: one run per class, RUN/<class>.")]
-NegativesOpt = Annotated[Optional[str], typer.Option("--negatives", help="normal (default): the normal class only; all-other: every non-rare image.")]
-MaxRareOpt = Annotated[Optional[int], typer.Option("--max-rare", help="Keep N rare images for train/val; the rest go to test.")]
-MaxPerClassOpt = Annotated[Optional[int], typer.Option("--max-per-class", help="Subsample every negative class to N images (seeded).")]
-TestDataOpt = Annotated[Optional[Path], typer.Option("--test-data", help="A separate labelled folder used as the test split.")]
-TestFractionOpt = Annotated[Optional[float], typer.Option("--test-fraction", help="Share of every class held out for test (default 0.2).")]
-ValFractionOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the rest for validation (default 0.2).")]
-FoldsOpt = Annotated[Optional[int], typer.Option("--folds", help="Cross-validation folds over the non-test images (default 1).")]
-GuardRuleOpt = Annotated[Optional[str], typer.Option("--guard-rule", help="relative (default): a near-copy is much closer to one real image than to the next ones; absolute: under a fixed distance (implied by --guard-threshold).")]
-GuardRatioOpt = Annotated[Optional[float], typer.Option("--guard-ratio", help="relative rule: near-copy when closer than this x the mean distance to the next nearest real images (0.5).")]
-GuardThresholdOpt = Annotated[Optional[float], typer.Option("--guard-threshold", help="absolute rule: distance under which an image counts as a copy (default: calibrated on the real images).")]
+LayoutOpt = Annotated[Optional[str], typer.Option(
+    "--layout", help="folder, mt, mvtec, nih-cxr14, csv (default: detected).")]
+RareOpt = Annotated[Optional[str], typer.Option(
+    "--rare", help="The rare class (case-insensitive), e.g. crack or Pneumothorax; fit takes a,b,c: one run per class, "
+                   "RUN/<class>.")]
+NegativesOpt = Annotated[Optional[str], typer.Option(
+    "--negatives", help="normal (default): the normal class only; all-other: every non-rare image.")]
+MaxRareOpt = Annotated[Optional[int], typer.Option(
+    "--max-rare", help="Keep N rare images for train/val; the rest go to test.")]
+MaxPerClassOpt = Annotated[Optional[int], typer.Option(
+    "--max-per-class", help="Subsample every negative class to N images (seeded).")]
+TestDataOpt = Annotated[Optional[Path], typer.Option(
+    "--test-data", help="A separate labelled folder used as the test split.")]
+TestFractionOpt = Annotated[Optional[float], typer.Option(
+    "--test-fraction", help="Share of every class held out for test (default 0.2).")]
+ValFractionOpt = Annotated[Optional[float], typer.Option(
+    "--val-fraction", help="Share of the rest for validation (default 0.2).")]
+FoldsOpt = Annotated[Optional[int], typer.Option(
+    "--folds", help="Cross-validation folds over the non-test images (default 1).")]
+GuardRuleOpt = Annotated[Optional[str], typer.Option(
+    "--guard-rule", help="relative (default): a near-copy is much closer to one real image than to the next ones; "
+                         "absolute: under a fixed distance (implied by --guard-threshold).")]
+GuardRatioOpt = Annotated[Optional[float], typer.Option(
+    "--guard-ratio", help="relative rule: near-copy when closer than this x the mean distance to the next nearest real "
+                          "images (0.5).")]
+GuardThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--guard-threshold", help="absolute rule: distance under which an image counts as a copy (default: calibrated on "
+                              "the real images).")]
 
-FrameOpt = Annotated[Optional[int], typer.Option("--frame", help="Frame of multi-frame DICOMs to use (default 0, the first).")]
-OnBadFileOpt = Annotated[Optional[str], typer.Option("--on-bad-file", help="skip (default): list and skip unreadable files; fail: stop.")]
+FrameOpt = Annotated[Optional[int], typer.Option(
+    "--frame", help="Frame of multi-frame DICOMs to use (default 0, the first).")]
+OnBadFileOpt = Annotated[Optional[str], typer.Option(
+    "--on-bad-file", help="skip (default): list and skip unreadable files; fail: stop.")]
 
 
 def guard_rule_of(rule: str | None, threshold: float | None) -> str | None:
@@ -103,7 +122,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version.")] = False,
 ) -> None:
     """rareaug: per-image LoRAs (LoFT) for rare classes, ratio sweeps and reports."""
 
@@ -147,15 +167,26 @@ def fit(
     data: DataOpt = None,
     rare: RareOpt = None,
     run: RunOpt = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="loft (default): one LoRA per image; datadream: one per class; chimera: shared A + one B head per image.")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, mini (shipped, 32 px) or tiny (tests).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per LoRA (loft 600, datadream 400).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="loft (default): one LoRA per image; datadream: one per class; chimera: shared A + one B head "
+                         "per image.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, mini (shipped, 32 px) or tiny "
+                             "(tests).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="Optimizer steps per LoRA (loft 600, datadream 400).")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (loft 2, datadream 16).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (loft 1e-3, datadream 1e-4).")] = None,
-    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training resolution in pixels, a multiple of 8.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per UNet pass (loft: LoRAs trained together); default sized to the GPU.")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (for 24 GB cards).")] = None,
-    text_encoder_lora: Annotated[Optional[bool], typer.Option("--text-encoder-lora/--no-text-encoder-lora", help="datadream: also a LoRA on the text encoder's attention.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="Training resolution in pixels, a multiple of 8.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Samples per UNet pass (loft: LoRAs trained together); default sized to the GPU.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Trade compute for memory (for 24 GB cards).")] = None,
+    text_encoder_lora: Annotated[Optional[bool], typer.Option(
+        "--text-encoder-lora/--no-text-encoder-lora",
+        help="datadream: also a LoRA on the text encoder's attention.")] = None,
     layout: LayoutOpt = None,
     negatives: NegativesOpt = None,
     max_rare: MaxRareOpt = None,
@@ -169,15 +200,16 @@ def fit(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Start this method's fit over under a different config (its LoRAs are deleted).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Start this method's fit over under a different config (its LoRAs are deleted).")] = False,
 ) -> None:
     """Train LoRAs on the rare class's training images: every per-image LoRA at once in one batched UNet pass."""
     from .fit import fit as run_fit
 
     cfg, given = make_config(
         config, run=run, seed=seed, device=device, **_data_flags(data, layout, rare, negatives, max_rare,
-        max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds, frame), recipe__resolution=resolution,
-        fit__method=method,
+        max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds, frame),
+        recipe__resolution=resolution, fit__method=method,
         fit__base_model=base_model, fit__steps=steps, fit__rank=rank, fit__lr=lr, fit__batch_size=batch_size,
         fit__gradient_checkpointing=gradient_checkpointing, fit__text_encoder_lora=text_encoder_lora,
     )
@@ -189,35 +221,53 @@ def fit(
 @user_errors
 def generate(
     run: RunOpt = None,
-    rare: Annotated[Optional[str], typer.Option("--rare", help="The run's rare class; a,b,c: each class's run under --run (RUN/<class>).")] = None,
+    rare: Annotated[Optional[str], typer.Option(
+        "--rare", help="The run's rare class; a,b,c: each class's run under --run (RUN/<class>).")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="Kept synthetic images the pool must hold.")] = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="R x (real rare train images) kept synthetic images.")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="loft (default), datadream, chimera, classprompt (no LoRA) or classic (albumentations copies).")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="LoFT: weight of the first LoRA of a pair (0.5); 1 = one LoRA alone.")] = None,
-    beta_alpha: Annotated[Optional[float], typer.Option("--beta-alpha", help="LoFT: draw lambda ~ Beta(A, A) per image instead.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(
+        "--ratio", help="R x (real rare train images) kept synthetic images.")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="loft (default), datadream, chimera, classprompt (no LoRA) or classic (albumentations "
+                         "copies).")] = None,
+    lam: Annotated[Optional[float], typer.Option(
+        "--lambda", help="LoFT: weight of the first LoRA of a pair (0.5); 1 = one LoRA alone.")] = None,
+    beta_alpha: Annotated[Optional[float], typer.Option(
+        "--beta-alpha", help="LoFT: draw lambda ~ Beta(A, A) per image instead.")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="Chimera: heads mixed per image (default all).")] = None,
-    dirichlet_alpha: Annotated[Optional[float], typer.Option("--dirichlet-alpha", help="Chimera: head weights ~ Dirichlet(A) (1).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (2.0).")] = None,
+    dirichlet_alpha: Annotated[Optional[float], typer.Option(
+        "--dirichlet-alpha", help="Chimera: head weights ~ Dirichlet(A) (1).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        "--guidance", help="Classifier-free guidance scale (2.0).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (50).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="default (the model's), ddim, pndm, euler, euler-a, dpm++, unipc, heun, or a diffusers class name.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet pass (default sized to the device).")] = None,
-    fold: Annotated[Optional[int], typer.Option("--fold", help="Fuse only the LoRAs of images outside this fold.")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="classprompt only: the model to sample (LoRA methods use the one they were fitted on).")] = None,
-    guard: Annotated[Optional[bool], typer.Option("--guard/--no-guard", help="Reject near-copies of real images (on by default).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(
+        "--scheduler", help="default (the model's), ddim, pndm, euler, euler-a, dpm++, unipc, heun, or a diffusers "
+                            "class name.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Images per UNet pass (default sized to the device).")] = None,
+    fold: Annotated[Optional[int], typer.Option(
+        "--fold", help="Fuse only the LoRAs of images outside this fold.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base-model", help="classprompt only: the model to sample (LoRA methods use the one they were fitted "
+                             "on).")] = None,
+    guard: Annotated[Optional[bool], typer.Option(
+        "--guard/--no-guard", help="Reject near-copies of real images (on by default).")] = None,
     guard_rule: GuardRuleOpt = None,
     guard_ratio: GuardRatioOpt = None,
     guard_threshold: GuardThresholdOpt = None,
-    guard_distance: Annotated[Optional[str], typer.Option("--guard-distance", help="ssim (1 - SSIM, no weights needed) or lpips.")] = None,
+    guard_distance: Annotated[Optional[str], typer.Option(
+        "--guard-distance", help="ssim (1 - SSIM, no weights needed) or lpips.")] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Start this pool over under a different config (its images are deleted).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Start this pool over under a different config (its images are deleted).")] = False,
 ) -> None:
     """Fill a variant's ordered pool of synthetic rare images: fused LoRA pairs in large batches, guarded."""
     from .generate.stage import generate as run_generate
 
     cfg, given = make_config(
-        config, run=run, seed=seed, device=device, data__rare=rare, generate__n=n, generate__ratio=ratio, generate__method=method,
+        config, run=run, seed=seed, device=device, data__rare=rare, generate__n=n, generate__ratio=ratio,
+        generate__method=method,
         generate__lam=lam, generate__beta_alpha=beta_alpha, generate__k=k, generate__dirichlet_alpha=dirichlet_alpha,
         generate__guidance=guidance, generate__steps=steps, generate__scheduler=scheduler,
         generate__batch_size=batch_size, generate__fold=fold, generate__base_model=base_model, generate__guard=guard,
@@ -243,27 +293,49 @@ def pool_maker(console: Console):
 @user_errors
 def sweep_ratio(
     run: RunOpt = None,
-    rare: Annotated[Optional[str], typer.Option("--rare", help="The run's rare class; a,b,c: each class's run under --run (RUN/<class>), their cells on the same executor.")] = None,
-    ratios: Annotated[Optional[str], typer.Option("--ratios", help="Synthetic-to-real ratios (default 0,0.5,1,2,4,10,20).")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Synthetic sources, e.g. loft,classic,classprompt (default loft).")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="resnet18 (default), resnet50, clip; repeat or comma-separate.")] = None,
+    rare: Annotated[Optional[str], typer.Option(
+        "--rare", help="The run's rare class; a,b,c: each class's run under --run (RUN/<class>), their cells on the "
+                       "same executor.")] = None,
+    ratios: Annotated[Optional[str], typer.Option(
+        "--ratios", help="Synthetic-to-real ratios (default 0,0.5,1,2,4,10,20).")] = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Synthetic sources, e.g. loft,classic,classprompt (default loft).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", help="resnet18 (default), resnet50, clip; repeat or comma-separate.")] = None,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per cell (default 3).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per cell, the same at every ratio (default 500).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="Optimizer steps per cell, the same at every ratio (default 500).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step (default 32).")] = None,
-    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Classifier input side in pixels (default the model's own, 224 for ResNets; small images train far faster at their own size).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", help="Classifier input side in pixels (default the model's own, 224 for ResNets; small images "
+                             "train far faster at their own size).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default 1e-4).")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="ImageNet / CLIP weights from the local cache (default) or random init.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="A local ImageNet checkpoint for the ResNets.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option(
+        "--pretrained/--no-pretrained",
+        help="ImageNet / CLIP weights from the local cache (default) or random init.")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        "--weights", help="A local ImageNet checkpoint for the ResNets.")] = None,
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="A local CLIP folder.")] = None,
-    pos_weight: Annotated[Optional[str], typer.Option("--pos-weight", help="train (default): negatives/positives of each cell's training set; real: of the real data.")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="binary (default): rare vs rest; multiclass: every class, metrics for the rare one.")] = None,
+    pos_weight: Annotated[Optional[str], typer.Option(
+        "--pos-weight", help="train (default): negatives/positives of each cell's training set; real: of the real "
+                             "data.")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="binary (default): rare vs rest; multiclass: every class, metrics for the rare one.")] = None,
     folds: FoldsOpt = None,
-    executor: Annotated[Optional[str], typer.Option("--executor", help="local (default): cells one after another here; ray: every cell a Ray task (pip install 'rareaug[ray]').")] = None,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="ray: auto or host:port joins a running cluster (default: start a local one).")] = None,
-    gpus_per_cell: Annotated[Optional[float], typer.Option("--gpus-per-cell", help="ray: GPUs per cell; 0.5 puts two cells on a GPU (default 0).")] = None,
-    cpus_per_cell: Annotated[Optional[float], typer.Option("--cpus-per-cell", help="ray: CPUs (and torch threads) per cell (default 1).")] = None,
-    group_cells: Annotated[Optional[int], typer.Option("--group-cells", help="local: cells of one model trained at once as one stacked model (default 16 on a GPU, 1 on a CPU).")] = None,
-    generate_steps: Annotated[Optional[int], typer.Option("--generate-steps", help="Sampling steps for pools made on demand.")] = None,
+    executor: Annotated[Optional[str], typer.Option(
+        "--executor", help="local (default): cells one after another here; ray: every cell a Ray task (pip install "
+                           "'rareaug[ray]').")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="ray: auto or host:port joins a running cluster (default: start a local one).")] = None,
+    gpus_per_cell: Annotated[Optional[float], typer.Option(
+        "--gpus-per-cell", help="ray: GPUs per cell; 0.5 puts two cells on a GPU (default 0).")] = None,
+    cpus_per_cell: Annotated[Optional[float], typer.Option(
+        "--cpus-per-cell", help="ray: CPUs (and torch threads) per cell (default 1).")] = None,
+    group_cells: Annotated[Optional[int], typer.Option(
+        "--group-cells", help="local: cells of one model trained at once as one stacked model (default 16 on a GPU, 1 "
+                              "on a CPU).")] = None,
+    generate_steps: Annotated[Optional[int], typer.Option(
+        "--generate-steps", help="Sampling steps for pools made on demand.")] = None,
     guard_rule: GuardRuleOpt = None,
     guard_ratio: GuardRatioOpt = None,
     guard_threshold: GuardThresholdOpt = None,
@@ -271,13 +343,15 @@ def sweep_ratio(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Train classifiers at synthetic-to-real ratios over seeds and folds; metrics with intervals; a recommended ratio."""
+    """Train classifiers at synthetic-to-real ratios over seeds and folds; metrics with intervals; a recommended \
+ratio."""
     from .sweep.stage import sweep_classes
 
     cfg, given = make_config(
-        config, run=run, seed=seed, device=device, data__rare=rare, split__folds=folds, sweep__ratios=ratios, sweep__methods=methods,
-        sweep__models=",".join(model) if model else None, sweep__seeds=seeds, sweep__steps=steps,
-        sweep__batch_size=batch_size, sweep__input_size=input_size, sweep__lr=lr, sweep__pretrained=pretrained, sweep__weights=weights,
+        config, run=run, seed=seed, device=device, data__rare=rare, split__folds=folds, sweep__ratios=ratios,
+        sweep__methods=methods, sweep__models=",".join(model) if model else None, sweep__seeds=seeds,
+        sweep__steps=steps, sweep__batch_size=batch_size, sweep__input_size=input_size, sweep__lr=lr,
+        sweep__pretrained=pretrained, sweep__weights=weights,
         sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
         sweep__ray_address=ray_address, sweep__gpus_per_cell=gpus_per_cell, sweep__cpus_per_cell=cpus_per_cell,
         sweep__group_cells=group_cells,
@@ -294,10 +368,12 @@ def export_mix(
     heads: Annotated[str, typer.Option("--heads", help="Head weights, e.g. r0001=0.5,r0003=0.5.")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the plain diffusers LoRA file.")],
     cls: Annotated[Optional[str], typer.Option("--class", help="The class (default: the run's rare class).")] = None,
-    fold: Annotated[Optional[int], typer.Option("--fold", help="With folds: the fold whose Chimera fit to use.")] = None,
+    fold: Annotated[Optional[int], typer.Option(
+        "--fold", help="With folds: the fold whose Chimera fit to use.")] = None,
 ) -> None:
     """Export a ChimeraLoRA head mix (shared A, B = sum of w_i B_i) as a LoRA file plain diffusers loads."""
-    from .lora.store import export_mix as export, safe_name
+    from .lora.store import export_mix as export
+    from .lora.store import safe_name
     from .run_dir import RunDir
     from .split import read_split
 
@@ -326,9 +402,11 @@ DEMO_SIZES = {"fit__steps": 300, "sweep__steps": 80}
 @user_errors
 def demo(
     out: Annotated[Optional[Path], typer.Option("--out", "--run", help="Run directory (default runs/demo).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Your own data instead of the shipped sample (needs --rare).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Your own data instead of the shipped sample (needs --rare).")] = None,
     rare: Annotated[Optional[str], typer.Option("--rare", help="The rare class of --data.")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Your own SD 1.x/2.x model (default: the shipped mini).")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base-model", help="Your own SD 1.x/2.x model (default: the shipped mini).")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """The whole job (inspect, fit, generate, sweep-ratio, report) on real images shipped with the package and the
@@ -337,15 +415,15 @@ def demo(
     from .generate.stage import generate as run_generate
     from .inspect import inspect_data, render
     from .report import write_report
-    from .samples import FASHION_RARE, fashion_root
     from .run_dir import RunDir
+    from .samples import FASHION_RARE, fashion_root
     from .sweep.stage import sweep
 
     if (data is None) != (rare is None):
         raise RareaugError("--data and --rare go together: your data folder and which class of it is the rare one")
     if data is not None and base_model is None:
-        raise RareaugError("--data needs --base-model: your SD 1.x/2.x model (a folder, a .safetensors file or a cached "
-                           "hub id); --base-model mini runs the 32-px garment model on it, as a smoke test only")
+        raise RareaugError("--data needs --base-model: your SD 1.x/2.x model (a folder, a .safetensors file or a "
+                           "cached hub id); --base-model mini runs the 32-px garment model on it, as a smoke test only")
     run = out or Path("runs/demo")
     # Real Fashion-MNIST images; rareaug-mini never saw a pullover, so it plays the rare class. Sizes are cut so
     # that a laptop CPU finishes in minutes: shorter LoRA training, ratios up to 2, one seed, 32-px classifiers.
@@ -364,7 +442,8 @@ def demo(
                  generate__ratio=2.0, sweep__ratios="0,1,2", sweep__seeds=1, **sizes)
     cfg, given = make_config(None if own_model else "fashion_mnist", **flags)
     model = cfg.fit.base_model
-    console.print(f"[bold]rareaug demo[/] on {'your data' if rare else f'real Fashion-MNIST images shipped with the package, copied to {data}'}"
+    console.print(f"[bold]rareaug demo[/] on "
+                  f"{'your data' if rare else f'real Fashion-MNIST images shipped with the package, copied to {data}'}"
                   f" (rare class: {cfg.data.rare}), base model {model}"
                   + ("" if own_model else " (32 px, shipped; it never saw a pullover)") + f" -> {run}")
     console.rule("1. inspect")
@@ -388,12 +467,18 @@ def demo(
 def export_set(
     run: Annotated[Path, typer.Option("--run", help="Run directory.")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the training set (class/image + manifest.csv).")],
-    method: Annotated[str, typer.Option("--method", help="Whose synthetic images: loft (default), datadream, chimera, classprompt, classic.")] = "loft",
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="R x (real rare train images) synthetic images.")] = None,
-    recommended: Annotated[bool, typer.Option("--recommended", help="The ratio the sweep recommended on validation.")] = False,
-    model: Annotated[Optional[str], typer.Option("--model", help="With --recommended and several swept models: whose recommendation.")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="The pool folder under RUN/synthetic when the method has several.")] = None,
-    fold: Annotated[Optional[int], typer.Option("--fold", help="Cross-validated runs: export fold F's training images and pool.")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", help="Whose synthetic images: loft (default), datadream, chimera, classprompt, classic.")] = "loft",
+    ratio: Annotated[Optional[float], typer.Option(
+        "--ratio", help="R x (real rare train images) synthetic images.")] = None,
+    recommended: Annotated[bool, typer.Option(
+        "--recommended", help="The ratio the sweep recommended on validation.")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="With --recommended and several swept models: whose recommendation.")] = None,
+    variant: Annotated[Optional[str], typer.Option(
+        "--variant", help="The pool folder under RUN/synthetic when the method has several.")] = None,
+    fold: Annotated[Optional[int], typer.Option(
+        "--fold", help="Cross-validated runs: export fold F's training images and pool.")] = None,
     frame: Annotated[int, typer.Option("--frame", help="Frame of multi-frame DICOMs (as the run used).")] = 0,
 ) -> None:
     """Export real train images (re-encoded as PNG, no metadata) + kept synthetic images of one pool and ratio as a
@@ -410,7 +495,9 @@ def export_set(
 def report(
     run: Annotated[Path, typer.Option("--run", help="Run directory to report on.")],
     open_page: Annotated[bool, typer.Option("--open", help="Open the report in the default browser.")] = False,
-    real_images: Annotated[bool, typer.Option("--real-images/--no-real-images", help="Show real images (leave them out for a report shared outside the hospital or plant).")] = True,
+    real_images: Annotated[bool, typer.Option(
+        "--real-images/--no-real-images",
+        help="Show real images (leave them out for a report shared outside the hospital or plant).")] = True,
 ) -> None:
     """Write RUN/report.html: images, metric-vs-ratio curves, the recommended ratio, the guard, the config."""
     from .report import write_report

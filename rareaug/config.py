@@ -317,7 +317,8 @@ def _check_data(config: Config) -> None:
 
 def _check_fit(recipe: RecipeConfig, fit: FitConfig) -> None:
     if recipe.resolution % 8 or recipe.resolution < 8:
-        raise RareaugError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {recipe.resolution}")
+        raise RareaugError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
+                           f"got {recipe.resolution}")
     if "{class}" not in recipe.prompt:
         raise RareaugError(f"recipe prompt {recipe.prompt!r} must contain {{class}}")
     for name in ("steps", "rank", "batch_size", "samples_per_step", "checkpoint_every"):
@@ -413,7 +414,8 @@ def _from_dict(cls, values: dict, where: str, prefix: str):
                            f"name; known keys: {', '.join(prefix + f for f in fields)}")
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise RareaugError(f"{where}: unknown key {prefix}{unknown[0]}; known keys: {', '.join(prefix + f for f in fields)}")
+        raise RareaugError(f"{where}: unknown key {prefix}{unknown[0]}; "
+                           f"known keys: {', '.join(prefix + f for f in fields)}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]

@@ -126,7 +126,8 @@ def _pool(run: Path, method: str, variant: str | None, fold: int | None) -> Path
             pools[summary.parent.name] = summary.parent
     if variant:
         if variant not in pools:
-            raise RareaugError(f"{run}/synthetic/{variant}: no such {method} pool; choose one of {', '.join(pools) or 'none'}")
+            raise RareaugError(f"{run}/synthetic/{variant}: no such {method} pool; "
+                               f"choose one of {', '.join(pools) or 'none'}")
         return pools[variant]
     if not pools:
         fold_flag = f" --fold {fold}" if fold is not None else ""

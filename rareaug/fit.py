@@ -13,17 +13,26 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import distributed
 from .config import Config, resolved_fit
+from .device import amp_settings, resolve_device
 from .errors import RareaugError
 from .images import model_input
 from .io import atomic_write_text
 from .lora.bank import LoRABank
 from .lora.files import TEXT_TARGETS, read_safetensors, save_safetensors
-from .device import amp_settings, resolve_device
+from .lora.store import (
+    checkpoint_folder,
+    clear_checkpoints,
+    clear_outputs,
+    finished_units,
+    merge_shards,
+    resumed_batch_size,
+    safe_name,
+    save_job,
+)
 from .lora.train import Job, JobRunner, TrainData, checkpoint_path
 from .run_dir import RunDir, frozen_split, timed_stage
 from .split import SplitRow, fold_view, lora_images
-from .lora.store import (checkpoint_folder, clear_checkpoints, clear_outputs, finished_units, merge_shards,
-                         resumed_batch_size, safe_name, save_job)
+
 
 @dataclasses.dataclass
 class FitResult:
@@ -54,7 +63,8 @@ def same_model_as_other_fits(config: Config, given: set[str]) -> Config:
 
 
 @timed_stage(lambda config: f"fit {config.fit.method}", worked=lambda result: bool(result.trained))
-def fit(config: Config, given: set[str] = frozenset(), force: bool = False, console: Console | None = None) -> FitResult:
+def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
+        console: Console | None = None) -> FitResult:
     """Under `accelerate launch` / `torchrun`, each process trains its share of the LoRAs (see distributed.py)."""
     from .models import check_base_model_spec, load_base_model
 
@@ -113,7 +123,8 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     checkpoints.mkdir(exist_ok=True)
     atomic_write_text(batch_file, f"{batch_size}\n")
     jobs = regroup_loft(jobs, batch_size) if method == "loft" else jobs
-    trained, rate = _train_jobs(jobs, base, data, train, config, device, batch_size, out_dir, console) if jobs else ([], 0.0)
+    trained, rate = (_train_jobs(jobs, base, data, train, config, device, batch_size, out_dir, console) if jobs
+                     else ([], 0.0))
 
     # 6. Rank 0 folds every process's index and loss shards into index.csv and losses.csv.
     distributed.barrier()
@@ -124,7 +135,8 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False, cons
     trained_all = [unit for part in distributed.gather(trained) for unit in part]
     rates = distributed.gather(rate)  # adapter-steps/s of each process; together they are the run's
     if distributed.is_main():
-        console.print(f"fit {method}: trained {len(trained_all)} LoRA(s), skipped {len(skipped)} already done -> {out_dir}"
+        console.print(f"fit {method}: trained {len(trained_all)} LoRA(s), skipped {len(skipped)} already done "
+                      f"-> {out_dir}"
                       + (f" ({distributed.world_size()} processes)" if distributed.world_size() > 1 else "")
                       + (" [tiny test model: not a real model]" if base.is_tiny else ""))
     return FitResult(method, out_dir, trained_all, skipped, sum(rates))
@@ -222,7 +234,8 @@ def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir
         for row in train:
             pixels = model_input(row.abs_path, recipe.resolution, recipe.crop, recipe.fallback_crop, row.abs_mask,
                                  config.data.frame)
-            posteriors.append(base.vae.encode(pixels[None].to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
+            posteriors.append(
+                base.vae.encode(pixels[None].to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
         prompts = {row.cls: recipe.prompt.replace("{class}", row.cls) for row in train}
         tokens = {cls: _tokens(base, prompt) for cls, prompt in prompts.items()}
         embedded = {cls: base.text_encoder(ids.to(device))[0].float().cpu() for cls, ids in tokens.items()}

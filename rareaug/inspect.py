@@ -54,7 +54,8 @@ def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -
         for split in ("val", "test"):
             if not any(row.rare and row.split == split for row in rows):
                 warnings.append(f"no rare image in {split}: the rare images come from too few patients to split "
-                                f"them (or --max-rare is too small); {split} figures for the rare class will be missing")
+                                f"them (or --max-rare is too small); {split} figures for the rare class will be "
+                                "missing")
         if not any(not row.rare for row in rows):
             warnings.append("no negative images: only the rare class was found; a classifier needs other images too")
     for leak in leaks[:20]:

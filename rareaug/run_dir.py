@@ -19,8 +19,16 @@ from .device import requested_device_label
 from .errors import RareaugError, one_line
 from .io import atomic_write_json, atomic_write_text, atomic_write_yaml
 from .run_lock import lock_run
-from .split import (WHOLESALE_SHARE, SplitRow, duplicated_test_share, fold_view, make_split, read_split, seen_rows,
-                    write_split)
+from .split import (
+    WHOLESALE_SHARE,
+    SplitRow,
+    duplicated_test_share,
+    fold_view,
+    make_split,
+    read_split,
+    seen_rows,
+    write_split,
+)
 
 MIN_RARE = 5
 FEW_RARE = 20
@@ -172,7 +180,8 @@ class RunDir:
         if _without_execution(previous) == _without_execution(record):
             return False
         if not force:
-            raise RareaugError(f"{path}: this run's {stage} used a different config ({_first_difference(previous, record)}); "
+            raise RareaugError(f"{path}: this run's {stage} used a different config "
+                               f"({_first_difference(previous, record)}); "
                                "use a new --run, the same options, or --force to start it over")
         return True
 
@@ -343,7 +352,8 @@ def check_rare_validation(rows: list[SplitRow], folds: int, where: str) -> None:
 def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunDir) -> Config:
     """Check the options given now against the frozen split's, then take the split's own values."""
     current = _flat(config)
-    frozen = {f"{section}.{key}": value for section in ("data", "split") for key, value in stored.get(section, {}).items()}
+    frozen = {f"{section}.{key}": value
+              for section in ("data", "split") for key, value in stored.get(section, {}).items()}
     for key in sorted(set(SPLIT_KEYS) & given):
         mine, theirs = current[key], frozen.get(key)
         if key in ("data.data", "data.test_data"):
@@ -357,7 +367,8 @@ def _adopt_split_config(config: Config, stored: dict, given: set[str], run: RunD
                                    "use a new --run or the same data")
             raise RareaugError(f"{run.split_csv} was made with {option} {frozen.get(key)!r}, this command asks "
                                f"for {current[key]!r}; the split is frozen: use a new --run or the same option")
-    kept = {key: value for key, value in stored.get("data", {}).items() if key not in ("data", "test_data", "on_bad_file")}
+    kept = {key: value for key, value in stored.get("data", {}).items()
+            if key not in ("data", "test_data", "on_bad_file")}
     return dataclasses.replace(config, data=dataclasses.replace(config.data, **kept),
                                split=SplitConfig(**stored.get("split", {})))
 

@@ -166,7 +166,8 @@ def _groups(records: list[Record], n_main: int) -> list[_Group]:
         key = ("patient", record.patient) if record.patient else ("image", index)
         by_key[key].append(index)
     groups = []
-    for members in sorted(by_key.values(), key=lambda m: min((records[i].root.as_posix(), records[i].rel_path) for i in m)):
+    for members in sorted(by_key.values(),
+                          key=lambda m: min((records[i].root.as_posix(), records[i].rel_path) for i in m)):
         fixed = {records[i].fixed_split for i in members}
         if any(i >= n_main for i in members):
             fixed = {"test"}
@@ -184,7 +185,8 @@ def _targets(groups: list[_Group], fraction: float, skip: set[str] = frozenset()
     return {cls: (0.0 if cls in skip else fraction * total) for cls, total in totals.items()}
 
 
-def _pick(groups: list[_Group], targets: dict[str, float], rng, min_rare: int = 0, keep_rare_groups: int = 1) -> list[int]:
+def _pick(groups: list[_Group], targets: dict[str, float], rng, min_rare: int = 0,
+          keep_rare_groups: int = 1) -> list[int]:
     """Greedy: visit groups in a seeded order, rare-holding groups first, and take a group when it brings
     the held-out counts closer to every class's target (deviations weighted by 1/target, so the rare
     class counts as much as a large one)."""
@@ -249,7 +251,8 @@ def _rows(records, groups, split_of, fold_of) -> list[SplitRow]:
             patient = records[member].patient
             tag = hashlib.sha256(salt + patient.encode()).hexdigest()[:12] if patient else ""
             rows_by_record[member] = (split, fold, tag)
-    order = sorted(range(len(records)), key=lambda i: (not records[i].is_rare, records[i].root.as_posix(), records[i].rel_path))
+    order = sorted(range(len(records)),
+                   key=lambda i: (not records[i].is_rare, records[i].root.as_posix(), records[i].rel_path))
     n_rare = sum(record.is_rare for record in records)
     width = max(4, len(str(max(n_rare, len(records) - n_rare))))
     rows, counters = [], Counter()

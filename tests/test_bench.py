@@ -12,7 +12,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.mark.parametrize("script,args,keys", [
-    ("bench_fit.py", ["--adapters", "2", "--steps", "2", "--warmup", "1", "--reference-steps", "2", "--checkpointed", "2"],
+    ("bench_fit.py", ["--adapters", "2", "--steps", "2", "--warmup", "1", "--reference-steps", "2",
+                      "--checkpointed", "2"],
      {"reference", "bank", "bank_checkpointed", "speedup_vs_reference", "flops_per_adapter_step"}),
     ("bench_generate.py", ["--batches", "2", "--steps", "2", "--reference-images", "1", "--adapters", "3"],
      {"reference", "batched", "speedup_vs_reference", "minutes_for_1000_images"}),

@@ -16,8 +16,8 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from data_adapters.decode import (
-    DecodeError,
     Decoded,
+    DecodeError,
     decode,
     is_dicom_file,
     is_image_file,

@@ -55,8 +55,10 @@ def test_two_process_fit_equals_one_process(invoke, folder_data, tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     key = lambda row: row["image_id"]  # noqa: E731
-    index_one, index_two = sorted(rows(loras_one / "index.csv"), key=key), sorted(rows(loras_two / "index.csv"), key=key)
-    assert [(r["image_id"], r["steps_done"]) for r in index_one] == [(r["image_id"], r["steps_done"]) for r in index_two]
+    index_one, index_two = (sorted(rows(loras_one / "index.csv"), key=key),
+                            sorted(rows(loras_two / "index.csv"), key=key))
+    assert ([(r["image_id"], r["steps_done"]) for r in index_one]
+            == [(r["image_id"], r["steps_done"]) for r in index_two])
     for a, b in zip(index_one, index_two):
         assert float(a["final_loss"]) == pytest.approx(float(b["final_loss"]), rel=1e-3)
     assert len(rows(loras_two / "losses.csv")) == len(rows(loras_one / "losses.csv")) == 6 * 4

@@ -225,7 +225,8 @@ def test_calibrated_threshold_is_the_fifth_percentile_of_real_nearest_distances(
     distances[distances < 1e-6] = np.inf
     assert guard.threshold == pytest.approx(np.percentile(distances.min(axis=1), 5))
     judged = guard.judge(reals[2:3])
-    assert judged.nearest_ids == ["r2"] and judged.distances[0] == pytest.approx(0, abs=1e-5) and judged.copies == [True]
+    assert (judged.nearest_ids == ["r2"] and judged.distances[0] == pytest.approx(0, abs=1e-5)
+            and judged.copies == [True])
 
 
 @pytest.mark.parametrize("method", ["classprompt", "classic"])

@@ -17,7 +17,7 @@ from rareaug.generate.guard import Guard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from guard_calibration import COPIES, evaluate, domain_sets  # noqa: E402
+from guard_calibration import COPIES, domain_sets, evaluate  # noqa: E402
 
 
 def _domain(name: str):

@@ -132,7 +132,8 @@ def train_alone_with_peft(tiny, data: TrainData, config: FitConfig, row: int) ->
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     generator = unit_generator(SEED, f"train:{image_id}")
     for _ in range(config.steps):
-        noisy, target, timestep = draw_training_sample(data.posteriors[row], generator, tiny["scheduler"], data.scaling_factor)
+        noisy, target, timestep = draw_training_sample(data.posteriors[row], generator, tiny["scheduler"],
+                                                       data.scaling_factor)
         prediction = unet(noisy, timestep, data.embeds[row:row + 1]).sample
         loss = torch.nn.functional.mse_loss(prediction, target)
         loss.backward()

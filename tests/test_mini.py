@@ -10,8 +10,14 @@ import torch
 from rareaug.errors import RareaugError
 from rareaug.models import load_base_model
 from rareaug.samples import FASHION_COUNTS, fashion_root
-from rareaug.samples.fashion_mnist import (CLASSES, COMMON_CLASSES, RARE_CLASSES, fashion_mnist_folder,
-                                           load_fashion_mnist, seeded_subset)
+from rareaug.samples.fashion_mnist import (
+    CLASSES,
+    COMMON_CLASSES,
+    RARE_CLASSES,
+    fashion_mnist_folder,
+    load_fashion_mnist,
+    seeded_subset,
+)
 
 try:
     fashion_mnist_folder()

@@ -9,8 +9,7 @@ import torch
 
 from rareaug.checkpoint import load_checkpoint, save_checkpoint
 from rareaug.errors import RareaugError
-from rareaug.models.mini.train import (RECIPES, Clock, Paused, Recipe, budget_steps, lr_factor, make_ema,
-                                       train_loop)
+from rareaug.models.mini.train import RECIPES, Clock, Paused, Recipe, budget_steps, lr_factor, make_ema, train_loop
 
 RECIPE = Recipe(clip_steps=1, clip_batch=1, vae_steps=1, vae_batch=1, unet_steps=12, unet_batch=8, warmup=3,
                 checkpoint_every=5)
@@ -18,7 +17,8 @@ RECIPE = Recipe(clip_steps=1, clip_batch=1, vae_steps=1, vae_batch=1, unet_steps
 
 def _model_and_data(seed: int = 0):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(),
+                                torch.nn.Linear(16, 6))
     data = torch.randn(64, 6)
     return model, data
 

@@ -116,5 +116,6 @@ def test_several_rare_classes_get_their_own_runs_and_share_the_cluster(cluster, 
     assert code == 0, err
     for name in ("crack", "scratch"):
         assert len(metrics(parent / name)) == 1 + 2 * 2
-    code, _, err = invoke("fit", "--data", folder_data, "--rare", "crack,Crack", "--run", parent, "--base-model", "tiny")
+    code, _, err = invoke("fit", "--data", folder_data, "--rare", "crack,Crack", "--run", parent,
+                          "--base-model", "tiny")
     assert code == 2 and "named twice" in err

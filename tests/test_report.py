@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fitted_run, tree_snapshot
 from PIL import Image
 from typer.testing import CliRunner
 
 from rareaug.cli import app
 from rareaug.split import read_split
-
-from conftest import fitted_run, tree_snapshot
 
 GRID = ("--model", "tiny-resnet18", "--seeds", "2", "--steps", "4", "--batch-size", "8", "--no-pretrained",
         "--generate-steps", "2", "--guard-threshold", "0.01", "--ratios", "0,1,2", "--methods", "loft,classic")
@@ -88,7 +87,8 @@ def test_export_recommended_gives_real_train_plus_synthetic_with_provenance(swep
     real = [r for r in rows if r["source"] == "real"]
     synthetic = [r for r in rows if r["source"] == "synthetic"]
     assert sorted(r["id"] for r in real) == sorted(r.id for r in train)
-    ratio = json.loads((swept / "sweep" / "summary.json").read_text())["models"]["tiny-resnet18"]["loft"]["recommended_ratio"]
+    ratio = json.loads(
+        (swept / "sweep" / "summary.json").read_text())["models"]["tiny-resnet18"]["loft"]["recommended_ratio"]
     assert len(synthetic) == round(ratio * sum(r.rare for r in train))
     assert all((out / r["file"]).is_file() for r in rows)
     assert all(r["loras"] and r["variant"].startswith("loft") for r in synthetic)

@@ -7,12 +7,11 @@ import shutil
 from collections import Counter
 
 import pytest
+from conftest import write_image
 
 from data_adapters import load_dataset
 from rareaug.config import build_config
 from rareaug.split import make_split
-
-from conftest import write_image
 
 
 def _split(root, seed=0, **overrides):
@@ -88,7 +87,8 @@ def test_test_data_folder_is_the_test_split_and_a_single_copy_is_flagged(invoke,
     (test_root / "crack").mkdir(parents=True)
     for i in range(6):
         write_image(test_root / "crack" / f"t{i}.png")
-    shutil.copy(folder_data / "crack" / "crack 0 ü.png", test_root / "crack" / "copy.png")  # one train image leaks into test
+    # one train image leaks into test
+    shutil.copy(folder_data / "crack" / "crack 0 ü.png", test_root / "crack" / "copy.png")
     for i in range(10):
         write_image(test_root / "normal" / f"u{i}.png")
     code, out, err = invoke("inspect", "--json", "--data", folder_data, "--rare", "crack", "--test-data", test_root)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import rareaug.sweep.stage as stage
+from rareaug.errors import RareaugError
 from rareaug.run_dir import RunDir
 from rareaug.sweep import metrics as M
-from rareaug.errors import RareaugError
 
 GRID = ("--model", "tiny-resnet18", "--seeds", "1", "--steps", "4", "--batch-size", "8", "--no-pretrained",
         "--generate-steps", "2", "--guard-threshold", "0.01")
@@ -28,8 +28,8 @@ def swept(tmp_path_factory):
     from rareaug.cli import app
 
     run = fitted_run(tmp_path_factory, n_rare=10, n_normal=20, fit_steps=2)
-    result = CliRunner().invoke(app, ["sweep-ratio", "--run", str(run), "--ratios", "0,1,2", "--methods", "loft,classic",
-                                      *GRID])
+    result = CliRunner().invoke(app, ["sweep-ratio", "--run", str(run), "--ratios", "0,1,2", "--methods",
+                                      "loft,classic", *GRID])
     assert result.exit_code == 0, result.stderr
     return run
 
@@ -122,7 +122,8 @@ def test_one_failing_cell_keeps_the_others(swept, tmp_path, invoke, monkeypatch)
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1,2", "--methods", "loft,classic", *GRID)
     assert code == 2 and "1 cell(s) failed" in err
     assert len(metrics(run)) == len(metrics(swept)) - 1
-    assert json.loads((run / "sweep" / "summary.json").read_text())["failed_cells"] == ["classic-r2-tiny-resnet18-s0-f0"]
+    assert (json.loads((run / "sweep" / "summary.json").read_text())["failed_cells"]
+            == ["classic-r2-tiny-resnet18-s0-f0"])
 
 
 def test_recommendation_never_sees_test_labels(swept, tmp_path):
@@ -175,8 +176,8 @@ def test_folds_validate_on_their_own_images_and_fuse_only_the_others(invoke, tmp
     for i in range(18):
         write_image(root / "normal" / f"n{i}.png")
     run = tmp_path / "run"
-    code, _, err = invoke("fit", "--data", root, "--rare", "crack", "--run", run, "--folds", "3", "--base-model", "tiny",
-                          "--resolution", "64", "--steps", "2")
+    code, _, err = invoke("fit", "--data", root, "--rare", "crack", "--run", run, "--folds", "3", "--base-model",
+                          "tiny", "--resolution", "64", "--steps", "2")
     assert code == 0, err
     code, _, err = invoke("sweep-ratio", "--run", run, "--ratios", "0,1", *GRID)
     assert code == 0, err
@@ -258,7 +259,8 @@ def test_a_class_seen_only_in_test_does_not_shape_the_model():
 
     from rareaug.sweep.data import class_names, real_example
 
-    rows = [SimpleNamespace(cls="crack", rare=True, split="train"), SimpleNamespace(cls="normal", rare=False, split="val"),
+    rows = [SimpleNamespace(cls="crack", rare=True, split="train"),
+            SimpleNamespace(cls="normal", rare=False, split="val"),
             SimpleNamespace(cls="aaa", rare=False, split="test")]
     assert class_names(rows) == ["crack", "normal"]
     row = SimpleNamespace(cls="aaa", rare=False, id="n1", abs_path=None, abs_mask=None, group="", split="test")

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import write_image
+
 from rareaug.config import Config
 from rareaug.sweep.classifiers import create_classifier
 from rareaug.sweep.data import CellData, Example, ImageCache

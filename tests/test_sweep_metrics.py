@@ -5,12 +5,21 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from rareaug.errors import RareaugError
-from rareaug.sweep.metrics import (METRICS, _compute, _draws, binary_metrics, bootstrap_intervals, choose_threshold,
-                                   mean_f1, mean_sd, resample_indices, two_level_interval)
+from rareaug.sweep.metrics import (
+    METRICS,
+    _compute,
+    _draws,
+    binary_metrics,
+    bootstrap_intervals,
+    choose_threshold,
+    mean_f1,
+    mean_sd,
+    resample_indices,
+    two_level_interval,
+)
 
 
 def _scored(n: int, seed: int, prevalence: float = 0.2, signal: float = 0.35):

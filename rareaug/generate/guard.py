@@ -60,7 +60,8 @@ class Guard:
             raise RareaugError(f"--guard-distance {distance!r} is unknown; use ssim or lpips")
         if rule not in RULES:
             raise RareaugError(f"--guard-rule {rule!r} is unknown; use relative or absolute")
-        self.distance, self.rule, self.ratio, self.device, self.real_ids = distance, rule, float(ratio), device, real_ids
+        self.distance, self.rule, self.ratio, self.device, self.real_ids = (
+            distance, rule, float(ratio), device, real_ids)
         self.shift = math.ceil(SHIFT_PIXELS * GUARD_SIZE / max(reals.shape[-2:]))  # in guard pixels
         self._lpips = _load_lpips(device) if distance == "lpips" else None
         self.reals = self._prepare(reals)
@@ -82,7 +83,8 @@ class Guard:
 
     def record(self) -> dict:
         """What summary.json keeps of the guard, so a run says which distance and rule judged its pool."""
-        return {"guard_rule": self.rule, "guard_distance": self.distance, "guard_ratio": self.ratio if self.rule == "relative" else None,
+        return {"guard_rule": self.rule, "guard_distance": self.distance,
+                "guard_ratio": self.ratio if self.rule == "relative" else None,
                 "guard_neighbours": self.neighbours if self.rule == "relative" else None,
                 "guard_threshold": self.threshold, "guard_shift_pixels": SHIFT_PIXELS, "guard_size": GUARD_SIZE}
 

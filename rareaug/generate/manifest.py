@@ -30,7 +30,8 @@ def image_file(pool_index: int) -> str:
 def save_png(path: Path, image: torch.Tensor, grayscale: bool, variant: str, pool_index: int) -> None:
     """8-bit PNG marked as synthetic in its text metadata; grayscale sources give grayscale images."""
     array = image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array.mean(axis=2).round().astype(np.uint8), "L") if grayscale else Image.fromarray(array, "RGB")
+    picture = (Image.fromarray(array.mean(axis=2).round().astype(np.uint8), "L") if grayscale
+               else Image.fromarray(array, "RGB"))
     info = PngInfo()
     info.add_text(SYNTHETIC_MARKER, "true")  # inspect refuses such files as real data
     info.add_text("rareaug:version", __version__)

@@ -44,7 +44,8 @@ class LoftPairs:
             raise ValueError("LoFT fuses pairs: at least two LoRAs are needed")
         self.ids, self.seed, self.lam, self.beta_alpha = list(ids), seed, lam, beta_alpha
         self.single = beta_alpha is None and lam == 1.0
-        self.units = [(i,) for i in range(len(ids))] if self.single else list(itertools.permutations(range(len(ids)), 2))
+        self.units = ([(i,) for i in range(len(ids))] if self.single
+                      else list(itertools.permutations(range(len(ids)), 2)))
 
     def __call__(self, slot: int) -> Mix:
         epoch, position = divmod(slot, len(self.units))
@@ -52,7 +53,8 @@ class LoftPairs:
         unit = self.units[int(order[position])]
         if self.single:
             return Mix((self.ids[unit[0]],), (1.0,))
-        lam = self.lam if self.beta_alpha is None else float(stream(self.seed, "loft-lambda", slot).beta(self.beta_alpha, self.beta_alpha))
+        lam = (self.lam if self.beta_alpha is None
+               else float(stream(self.seed, "loft-lambda", slot).beta(self.beta_alpha, self.beta_alpha)))
         return Mix((self.ids[unit[0]], self.ids[unit[1]]), (lam, 1.0 - lam))
 
 

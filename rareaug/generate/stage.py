@@ -22,12 +22,12 @@ from data_adapters import decode
 
 from .. import __version__, distributed
 from ..config import LORA_METHODS, Config, FitConfig
-from ..errors import RareaugError
 from ..device import resolve_device, sampling_dtype
-from ..lora.store import finished_units, model_label, safe_name
+from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_json
 from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
+from ..lora.store import finished_units, model_label, safe_name
 from ..run_dir import RunDir, frozen_split, timed_stage
 from ..split import SplitRow, fold_view
 from . import plans
@@ -150,7 +150,8 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     seconds = time.perf_counter() - started
 
     # 5. Rank 0 merges the shards and summarises.
-    made, rejected_attempts = (sum(values) for values in zip(*distributed.gather((filler.made, filler.rejected_attempts))))
+    made, rejected_attempts = (sum(values)
+                               for values in zip(*distributed.gather((filler.made, filler.rejected_attempts))))
     result = GenerateResult(variant, folder, len(kept_rows(done)), _rejected(done), rejected_attempts, made,
                             made / seconds if seconds > 0 else None, stopped)
     if distributed.is_main():
@@ -223,7 +224,8 @@ class _PoolFiller:
             judged = guard.judge(images)
             new_rows = []
             for (slot, attempt), image, near, distance, score, copy in zip(batch, images, judged.nearest_ids,
-                                                                           judged.distances, judged.scores, judged.copies):
+                                                                           judged.distances, judged.scores,
+                                                                           judged.copies):
                 copy_like = gen.guard and gen.method != "classic" and copy
                 if copy_like and attempt + 1 < gen.max_attempts:
                     queue.appendleft((slot, attempt + 1))  # retried in the next batch, before new slots
@@ -263,7 +265,8 @@ def _fit_stage(run: RunDir, method: str) -> dict | None:
         return yaml.safe_load(fitted[0].read_text()) if fitted and method == "classprompt" else None
     path = run.stage_config("fit", method)
     if not path.exists():
-        raise RareaugError(f"no {method} LoRAs in {run.path}: run `rareaug fit --run {run.path} --method {method}` first")
+        raise RareaugError(f"no {method} LoRAs in {run.path}: "
+                           f"run `rareaug fit --run {run.path} --method {method}` first")
     return yaml.safe_load(path.read_text())
 
 
@@ -341,8 +344,8 @@ class _ImageMaker:
         ids = self.source_ids if method == "loft" else [stem]
         missing = [unit for unit in ids if unit not in done]
         if missing:
-            raise RareaugError(f"{len(missing)} of {len(ids)} {method} LoRA(s) missing in {folder} (e.g. {missing[0]}); "
-                               f"run `rareaug fit --run {run.path} --method {method}` first")
+            raise RareaugError(f"{len(missing)} of {len(ids)} {method} LoRA(s) missing in {folder} "
+                               f"(e.g. {missing[0]}); run `rareaug fit --run {run.path} --method {method}` first")
         self.slot_of = {unit: slot for slot, unit in enumerate(ids)}
         self.plan = (plans.LoftPairs(ids, self.seed, gen.lam, gen.beta_alpha) if method == "loft"
                      else plans.SingleAdapter(ids, self.seed))
@@ -366,7 +369,8 @@ class _ImageMaker:
                 a_slots, b_slots = [0] * len(mix.loras), [self.slot_of[head] for head in mix.loras]
             else:
                 a_slots = b_slots = [self.slot_of[unit] for unit in mix.loras]
-            requests.append(SampleRequest(a_slots, b_slots, list(mix.weights), plans.image_seed(self.seed, slot, attempt)))
+            requests.append(SampleRequest(a_slots, b_slots, list(mix.weights),
+                                          plans.image_seed(self.seed, slot, attempt)))
         return self.sampler.sample(requests)
 
     def row(self, slot: int, attempt: int, nearest: str, distance: float, score: float, kept: bool,

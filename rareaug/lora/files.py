@@ -15,7 +15,8 @@ TEXT_PREFIX = "text_encoder."
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP text attention, as DataDream's reference
 
 
-def to_diffusers_state(factors: dict[str, torch.Tensor], scale: float, prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
+def to_diffusers_state(factors: dict[str, torch.Tensor], scale: float,
+                       prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
     """{"<layer>.A", "<layer>.B"} -> diffusers keys. The alpha/rank scale is folded into lora_B, since
     diffusers reads a file without alphas as alpha = rank (scale 1): the loaded layer is then exact."""
     state = {}

@@ -34,7 +34,8 @@ def model_label(spec: str) -> str:
 
 def clear_outputs(out_dir: Path) -> None:
     """Remove a method's LoRAs, index, losses and checkpoints (rareaug's own outputs, never user data)."""
-    for pattern in ("*.safetensors", "index.csv", "losses.csv", "index.part-*.csv", "losses.part-*.csv", "checkpoints/*"):
+    for pattern in ("*.safetensors", "index.csv", "losses.csv", "index.part-*.csv", "losses.part-*.csv",
+                    "checkpoints/*"):
         for path in out_dir.glob(pattern):
             path.unlink()
 

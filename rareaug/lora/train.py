@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
-from ..config import FitConfig
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import FitConfig
 from ..device import amp_context, amp_settings
 from .bank import LoRABank
 
@@ -146,7 +146,8 @@ class JobRunner:
     def _samples(self, job: Job, generators, state) -> list[tuple[int, int, int, torch.Generator, str]]:
         """(a slot, b slot, image row, generator, loss key) for every sample of this step."""
         if job.method == "loft":
-            return [(slot, slot, row, generators[slot], unit) for slot, (unit, row) in enumerate(zip(job.units, job.images))]
+            return [(slot, slot, row, generators[slot], unit)
+                    for slot, (unit, row) in enumerate(zip(job.units, job.images))]
         generator, queue = generators[0], state["queue"]
         while len(queue) < self.fit.samples_per_step:  # epochs of seeded permutations, as a DataLoader would
             queue.extend(torch.randperm(len(job.images), generator=generator).tolist())

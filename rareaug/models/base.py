@@ -105,7 +105,8 @@ def check_base_model_spec(spec: str) -> str:
         raise RareaugError(f"{spec}: no such file or folder; {ACCEPTED_FORMS}, or mini / tiny")
     if _HUB_ID.match(spec):
         return "hub"
-    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, mini (the shipped 32-px model) or tiny for a smoke test")
+    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, mini (the shipped 32-px model) "
+                       "or tiny for a smoke test")
 
 
 def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BaseModel:

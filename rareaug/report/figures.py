@@ -29,7 +29,8 @@ def curve_points(data: ReportData, model: str, method: str) -> list[dict]:
         if not found:
             continue
         diversity = [float(c["diversity"]) for c in by_ratio[ratio] if c.get("diversity") not in (None, "", "nan")]
-        points.append({"ratio": ratio, "n_cells": len(by_ratio[ratio]), **{name: found[name] for name, _ in CURVE_METRICS},
+        points.append({"ratio": ratio, "n_cells": len(by_ratio[ratio]),
+                       **{name: found[name] for name, _ in CURVE_METRICS},
                        "diversity": float(np.mean(diversity)) if diversity else None,
                        "diversity_metric": by_ratio[ratio][0].get("diversity_metric") or ""})
     return points

@@ -34,7 +34,8 @@ th{background:#f2f4f8}td:first-child,th:first-child{text-align:left}.muted{color
 .good{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}.flat{color:#5b6475;font-weight:600}
 figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}figcaption{font-size:.85em;color:#5b6475}
 pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.8em}img{max-width:100%}
-.fused{display:flex;gap:.6em;align-items:center;margin:.3em 0}.fused img{width:96px;height:96px;image-rendering:pixelated}
+.fused{display:flex;gap:.6em;align-items:center;margin:.3em 0}\
+.fused img{width:96px;height:96px;image-rendering:pixelated}
 """
 
 
@@ -115,9 +116,11 @@ def _verdict(model: str, method: str, best: float, base: dict, at: dict, gain: d
     verdict = gain_verdict(gain)
     caveat = " The choice of the ratio on a small validation set is not in the interval."
     if verdict.startswith(GAIN):
-        return f"{name}: adding {best:g}× synthetic images raised {change}: <span class=\"good\">{verdict}</span>.{caveat}"
+        return (f"{name}: adding {best:g}× synthetic images raised {change}: "
+                f"<span class=\"good\">{verdict}</span>.{caveat}")
     if verdict.startswith(LOSS):
-        return f"{name}: adding {best:g}× synthetic images lowered {change}: <span class=\"bad\">{verdict}</span>.{caveat}"
+        return (f"{name}: adding {best:g}× synthetic images lowered {change}: "
+                f"<span class=\"bad\">{verdict}</span>.{caveat}")
     if verdict.startswith(TOO_FEW):
         return (f"{name}: {best:g}× changed {change}: <span class=\"flat\">{verdict}</span> (at least 3 seeds x folds "
                 "are needed); do not count on a gain.")
@@ -270,7 +273,8 @@ def _provenance(data: ReportData) -> str:
         "<p>No stage times recorded.</p>")
     versions = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in data.versions.items())
     salt = RunDir(data.run).salt
-    configs = "".join(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(_without_paths(text, salt))}</pre>"
+    configs = "".join(f"<details><summary>{html.escape(name)}</summary>"
+                      f"<pre>{html.escape(_without_paths(text, salt))}</pre>"
                       "</details>" for name, text in data.stages.items())
     return (f"<h2>How this run was made</h2>{timings}<p>Versions: {versions}.</p>"
             f"<p>Resolved configuration of each stage (a local path appears as its last part and a hash):</p>{configs}")

@@ -20,7 +20,17 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..config import AugmentConfig, SweepConfig
 from ..device import bf16_autocast
 from .data import CellData, ImageCache
-from .train import CellOutcome, train_cell, _adamw, _criterion, _loss, cosine_schedule, is_check_step, next_batch, scores
+from .train import (
+    CellOutcome,
+    _adamw,
+    _criterion,
+    _loss,
+    cosine_schedule,
+    is_check_step,
+    next_batch,
+    scores,
+    train_cell,
+)
 
 
 def train_group(models: list, cells: list[CellData], cache: ImageCache, sweep: SweepConfig,

@@ -11,8 +11,14 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import (auc, average_precision_score, precision_recall_curve,
-                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
 from ..errors import RareaugError
 

@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import __version__
 from ..config import GENERATE_METHODS, Config, parse_ratios
-from ..errors import RareaugError
 from ..device import resolve_device
+from ..errors import RareaugError
 from ..generate.manifest import Manifest, kept_rows
 from ..images import model_input
 from ..io import atomic_write_json, atomic_write_text, write_csv
@@ -46,7 +46,8 @@ METRIC_COLUMNS = ("cell", "method", "model", "ratio", "seed", "fold", "n_real_ra
                   "task", "pos_weight_rule", "pos_weight", "threshold", *TEST_METRICS,
                   *(f"{m}_ci_{end}" for m in TEST_METRICS for end in ("low", "high")),
                   "recall_at_0.5", "precision_at_0.5", "f1_at_0.5", "val_f1", "best_step",
-                  "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric", "intra_cluster")
+                  "n_val_pos", "n_val_neg", "n_test_pos", "n_test_neg", "diversity", "diversity_metric",
+                  "intra_cluster")
 
 BASELINE = "none"
 PoolMaker = Callable[[Config], tuple[Path, Optional[str]]]  # a pool's config -> (its folder, why it stopped short)
@@ -379,7 +380,8 @@ def finish_cell(job: CellJob, outcome, config: Config, device: torch.device, run
         "task": sw.task, "pos_weight_rule": sw.pos_weight, "pos_weight": pos_weight, "threshold": threshold,
         **{key: test[key] for key in TEST_METRICS},
         **{f"{key}_ci_{end}": intervals[key][i] for key in TEST_METRICS for i, end in enumerate(("low", "high"))},
-        "n_real_neg": sum(1 for e in data.train if not e.synthetic and not e.label), "n_val_pos": val["n_pos"], "n_val_neg": val["n_neg"],
+        "n_real_neg": sum(1 for e in data.train if not e.synthetic and not e.label), "n_val_pos": val["n_pos"],
+        "n_val_neg": val["n_neg"],
         "recall_at_0.5": half["recall"], "precision_at_0.5": half["precision"], "f1_at_0.5": half["f1"],
         "val_f1": val["f1"], "best_step": outcome.best_step, "n_test_pos": test["n_pos"], "n_test_neg": test["n_neg"],
     }

@@ -24,13 +24,16 @@ def write_card(out: Path, summary: dict) -> None:
     lines = [
         "# rareaug-mini (v2)",
         "",
-        "A small Stable Diffusion trained from scratch, offline, at 32 x 32 px, with diffusers and transformers classes:",
+        "A small Stable Diffusion trained from scratch, offline, at 32 x 32 px, with diffusers and transformers "
+        "classes:",
         "a KL autoencoder (8 x 8 x 8 latents), a cross-attention UNet, and the small CLIP (image tower + text tower,",
-        "real 49,408-token BPE tokenizer) whose frozen text tower conditions the UNet, as SD's UNet reads a frozen CLIP.",
+        "real 49,408-token BPE tokenizer) whose frozen text tower conditions the UNet, as SD's UNet reads a frozen "
+        "CLIP.",
         "It is the embedded default of `rareaug demo` and the base model of `bench/evidence.py`: `--base-model mini`.",
         "",
         "## What each part saw",
-        "Fashion-MNIST training images (Zalando Research, MIT licence), padded 28 -> 32 px with black, mirrored at random:",
+        "Fashion-MNIST training images (Zalando Research, MIT licence), padded 28 -> 32 px with black, mirrored at "
+        "random:",
         f"- **CLIP** (`clip/`, both towers; `text_encoder/` is its text tower again, where SD pipelines look): all ten "
         f"classes, captions from {len(CAPTION_TEMPLATES)} templates per class name (`{CAPTION_TEMPLATES[0]}`, "
         f"`{CAPTION_TEMPLATES[1]}`, ...). Zero-shot accuracy on the whole real test set (10,000 images): "
@@ -44,18 +47,22 @@ def write_card(out: Path, summary: dict) -> None:
         "CLIP has seen chest X-rays that SD cannot draw: these are the rare classes of the evidence benchmark.",
         "",
         "## How it was made",
-        f"- Command: `{summary['command']}` (seed {summary['seed']}), {summary['date']}, torch {summary['torch']}, on "
-        f"{summary['device']}, {summary['training_minutes']:.1f} minutes of training (resumable; the sum of its pieces).",
-        f"- CLIP: {summary['clip_steps']} steps, batch {recipe['clip_batch']}, AdamW lr {recipe['clip_lr']}, contrastive "
-        f"with every caption of an image's class as its positives; final loss {summary['clip_final_loss']:.3f}.",
+        f"- Command: `{summary['command']}` (seed {summary['seed']}), {summary['date']}, torch {summary['torch']}, "
+        f"on {summary['device']}, {summary['training_minutes']:.1f} minutes of training (resumable; the sum of its "
+        "pieces).",
+        f"- CLIP: {summary['clip_steps']} steps, batch {recipe['clip_batch']}, AdamW lr {recipe['clip_lr']}, "
+        f"contrastive with every caption of an image's class as its positives; final loss "
+        f"{summary['clip_final_loss']:.3f}.",
         f"- Autoencoder: {summary['vae_steps']} steps, batch {recipe['vae_batch']}, Adam lr {recipe['vae_lr']}, MSE + "
         f"{recipe['kl_weight']} x KL. Reconstruction MSE (pixels in [-1, 1], posterior mode) on the held-out real "
         f"test set: **{vae['overall']:.4f}** (" + ", ".join(f"{n} {vae['per_class'][n]:.4f}" for n in CLASSES)
         + f"); latent scaling factor {summary['latent_scaling_factor']:.3f}.",
-        f"- UNet: {summary['unet_steps']} steps (the learning-rate schedule sized to them), batch {recipe['unet_batch']}, "
+        f"- UNet: {summary['unet_steps']} steps (the learning-rate schedule sized to them), "
+        f"batch {recipe['unet_batch']}, "
         f"AdamW lr {recipe['unet_lr']} (warm-up {recipe['warmup']}, cosine to zero), epsilon prediction on SD's "
         f"scaled-linear schedule, EMA with diffusers' warm-up (decay 1 - (1 + step)^-2/3, capped at "
-        f"{recipe['ema_decay']}). Loss of the raw weights over the last 100 steps {summary['unet_raw_final_loss']:.4f}; "
+        f"{recipe['ema_decay']}). Loss of the raw weights over the last 100 steps "
+        f"{summary['unet_raw_final_loss']:.4f}; "
         f"**the shipped EMA weights' own loss {summary['unet_ema_loss']:.4f}** (4,096 training latents, fixed draw).",
         "- Parameters: " + ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in summary["parameters"].items())
         + f"; {shipped / 1e6:.1f} MB in float16 on disk.",

@@ -27,7 +27,8 @@ def cached_judge():
 
     from .check import train_judge
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rareaug" / "mini-judge-n20000-e2-s0.safetensors"
+    cache = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rareaug"
+             / "mini-judge-n20000-e2-s0.safetensors")
     judge = train_judge(n_images=0)  # the architecture only: 0 images, no step taken
     if cache.is_file():
         judge.load_state_dict(load_file(str(cache)))

@@ -1,7 +1,8 @@
 """Train `rareaug-mini` from scratch on Fashion-MNIST; write weights, model card and sample grid.
 
     python -m rareaug.models.mini.train --out rareaug/models/mini/weights --recipe gpu   # an H100/H200, ~10 min
-    python -m rareaug.models.mini.train --out /tmp/mini --recipe cpu                     # 2 CPU cores, in the background
+    python -m rareaug.models.mini.train --out /tmp/mini --recipe cpu                     # 2 CPU cores, in the \
+background
 
 Three stages, as Stable Diffusion was made from parts trained apart:
 1. a small CLIP (image tower + text tower, contrastive) on real images of all ten classes with a few caption
@@ -42,8 +43,7 @@ from ...errors import RareaugError
 from ...io import atomic_write_json, read_json
 from ...samples.fashion_mnist import CLASSES, COMMON_CLASSES, RARE_CLASSES, class_index, load_fashion_mnist
 from ..tiny import clip_tokenizer, sd_ddpm_scheduler
-from . import (CAPTION_TEMPLATES, COMPONENTS, PROMPT, RESOLUTION, build_untrained,
-               text_tower_of)
+from . import CAPTION_TEMPLATES, COMPONENTS, PROMPT, RESOLUTION, build_untrained, text_tower_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +201,8 @@ def train_clip(clip, tokenizer, recipe: Recipe, device, work: Path, clock: Clock
 
     def step_fn(_: int) -> torch.Tensor:
         pick = torch.randint(len(images), (recipe.clip_batch,), generator=generator, device=device)
-        image_features = F.normalize(_features(clip.get_image_features(pixel_values=random_flip(images[pick], generator))), dim=-1)
+        image_features = F.normalize(
+            _features(clip.get_image_features(pixel_values=random_flip(images[pick], generator))), dim=-1)
         text_features = F.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
         logits = clip.logit_scale.exp().clamp(max=100) * image_features @ text_features.T
         match = (labels[pick][:, None] == caption_class[None]).float()
@@ -233,7 +234,8 @@ def zero_shot_accuracy(clip, tokenizer, device) -> dict:
     text = F.normalize(_features(clip.get_text_features(input_ids=ids)), dim=-1)
     text = F.normalize(text.view(len(CLASSES), len(CAPTION_TEMPLATES), -1).mean(1), dim=-1)
     predicted = torch.cat([
-        (F.normalize(_features(clip.get_image_features(pixel_values=x[i:i + 1000].to(device))), dim=-1) @ text.T).argmax(1).cpu()
+        (F.normalize(_features(clip.get_image_features(pixel_values=x[i:i + 1000].to(device))), dim=-1)
+         @ text.T).argmax(1).cpu()
         for i in range(0, len(x), 1000)])
     truth = torch.from_numpy(labels).long()
     per_class = {name: float((predicted[truth == k] == k).float().mean()) for k, name in enumerate(CLASSES)}
@@ -408,7 +410,8 @@ def sample_grid(out: Path, device, seeds: int = 8) -> None:
     rows = [sample_class(base, name, range(seeds), device) for name in (*COMMON_CLASSES, *RARE_CLASSES)]
     grid = torch.stack(rows).permute(0, 3, 1, 4, 2).reshape(len(rows) * RESOLUTION, seeds * RESOLUTION, 3)
     Image.fromarray(grid.mul(255).round().byte().numpy()).resize(
-        (seeds * RESOLUTION * 2, len(rows) * RESOLUTION * 2), Image.NEAREST).save(out / "sample_grid.png", optimize=True)
+        (seeds * RESOLUTION * 2, len(rows) * RESOLUTION * 2), Image.NEAREST).save(out / "sample_grid.png",
+                                                                                   optimize=True)
 
 
 # The recipe fields each stage's result depends on: a stage is reused when only a later stage's settings change.
