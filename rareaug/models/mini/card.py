@@ -118,4 +118,10 @@ def lora_fidelity_lines() -> list[str]:
     for row in result["rows"]:
         lines.append(f"| {row['name']} | {row['judged_rare']:.0%} of {row['counted']} | {row['near_copy_share']:.0%} | "
                      f"{row['diversity']:.3f} |")
-    return lines + ["", f"Diversity: {result['diversity_metric']}.", ""]
+    lines += ["", f"Diversity: {result['diversity_metric']}.", ""]
+    variants = LORA_FIDELITY.with_name("lora-fidelity-pullover-variants.md")
+    if variants.is_file():  # what moves these figures: one row per committed variant
+        table = [line for line in variants.read_text().splitlines() if line.startswith("|")]
+        lines += ["What moves them (`python bench/lora_fidelity.py --rare pullover --summarise`, one run per row; "
+                  "judged share of the images that are not near-copies, in brackets of all):", "", *table, ""]
+    return lines
