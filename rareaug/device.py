@@ -54,11 +54,11 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def bf16_autocast(device: torch.device):
-    """Classifier cells and the mini model's training: bf16 autocast on a GPU, full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def amp_context(dtype: torch.dtype | None):
     """CUDA autocast to `dtype` (from `amp_settings`), or nothing when it is None (the CPU)."""
     return torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def bf16_autocast(device: torch.device):
+    """Classifier cells and the mini model's training: bf16 autocast on a GPU, full precision on the CPU."""
+    return amp_context(torch.bfloat16 if device.type == "cuda" else None)

@@ -64,7 +64,7 @@ def export_training_set(run: Path, out: Path, method: str = "loft", ratio: float
     if fold is not None and not 0 <= fold < folds:
         raise RareaugError(f"--fold {fold}: this run has folds 0 to {folds - 1}")
     # A fold trains on every non-test image outside it, as the sweep did.
-    view = fold_view(rows, folds, fold if folds > 1 else None)
+    view = fold_view(rows, folds, fold or 0)
     train, rare_train = view.train, view.rare_train
     needed = int(round(ratio * len(rare_train)))
     # 2. Which pool, and are there enough kept images in it.

@@ -341,7 +341,7 @@ def check_rare_validation(rows: list[SplitRow], folds: int, where: str) -> None:
     """Every fold (or the one validation split) needs a rare image: a threshold is chosen on them."""
     rare_outside_test = sum(1 for r in seen_rows(rows) if r.rare)
     for fold in range(folds):
-        if not any(r.rare for r in fold_view(rows, folds, fold if folds > 1 else None).validate):
+        if not any(r.rare for r in fold_view(rows, folds, fold).validate):
             fix = (f"use --folds {rare_outside_test} or fewer" if folds > rare_outside_test
                    else "use fewer --folds or more rare images")
             raise RareaugError(f"{'fold ' + str(fold) if folds > 1 else 'validation'} has no rare image in {where} "

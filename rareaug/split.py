@@ -70,16 +70,20 @@ def split_folds(rows: list[SplitRow]) -> int:
     return max((row.fold for row in rows), default=0) + 1
 
 
-def fold_view(rows: list[SplitRow], folds: int, fold: int | None = None) -> FoldView:
-    """Fold `fold`'s train / validate / test rows; `fold` None (or a split without folds): the plain split.
-
-    Raises a one-line RareaugError when `fold` does not fit the split (with folds a fold must be named)."""
+def chosen_fold(folds: int, fold: int | None) -> int:
+    """The fold a user's --fold names: required with folds, refused without (0 stands for the plain split)."""
     if folds > 1 and fold is None:
         raise RareaugError(f"this run's split has {folds} folds: pass --fold F (0..{folds - 1})")
     if folds == 1 and fold is not None:
         raise RareaugError("--fold: this run's split has no folds (made with --folds 1); drop --fold, or make a "
                            "new run with --folds K")
-    if folds > 1 and not 0 <= fold < folds:
+    return fold or 0
+
+
+def fold_view(rows: list[SplitRow], folds: int, fold: int = 0) -> FoldView:
+    """Fold `fold`'s train / validate / test rows (0..folds-1, as the sweep's cells number them); a split
+    without folds has the one view, fold 0, where the split column decides. A fold out of range is one line."""
+    if not 0 <= fold < folds:
         raise RareaugError(f"--fold {fold} is out of range: this run's split has {folds} folds (0..{folds - 1})")
     test = [row for row in rows if row.split == "test"]
     if folds == 1:
@@ -97,7 +101,7 @@ def seen_rows(rows: list[SplitRow]) -> list[SplitRow]:
 def lora_images(rows: list[SplitRow], folds: int) -> list[SplitRow]:
     """The rare images that get per-image LoRAs: those some fold trains on (every non-test rare image with
     folds; each fold then fuses only the LoRAs of its own training images)."""
-    views = [fold_view(rows, folds, k if folds > 1 else None) for k in range(folds)]
+    views = [fold_view(rows, folds, k) for k in range(folds)]
     chosen = {row.id for view in views for row in view.rare_train}
     return [row for row in rows if row.id in chosen]
 

@@ -178,7 +178,7 @@ def test_fold_view_is_the_one_leakage_rule():
     """Each fold validates on its own non-test images and trains on every other non-test image; without folds
     the split column decides; test images are nobody's training or validation data; a wrong --fold is one line."""
     from rareaug.errors import RareaugError
-    from rareaug.split import SplitRow, fold_view, lora_images, seen_rows, split_folds
+    from rareaug.split import SplitRow, chosen_fold, fold_view, lora_images, seen_rows, split_folds
 
     def row(i: int, rare: bool, split: str, fold: int) -> SplitRow:
         return SplitRow(f"{'r' if rare else 'n'}{i}", "/d", f"{i}.png", "", "c" if rare else "n", rare, split, fold, "")
@@ -199,7 +199,9 @@ def test_fold_view_is_the_one_leakage_rule():
     view = fold_view(plain, 1)
     assert [r.split for r in view.train + view.validate + view.test] == ["train"] * 3 + ["val"] * 3 + ["test"] * 3
     assert lora_images(plain, 1) == [r for r in plain if r.rare and r.split == "train"]
-    for rows, folds, fold, words in ((folded, 3, None, "pass --fold"), (folded, 3, 3, "out of range"),
-                                     (plain, 1, 0, "no folds")):
+    assert chosen_fold(3, 2) == 2 and chosen_fold(1, None) == 0
+    for check, words in ((lambda: chosen_fold(3, None), "pass --fold"),
+                         (lambda: fold_view(folded, 3, 3), "out of range"),
+                         (lambda: chosen_fold(1, 0), "no folds")):
         with pytest.raises(RareaugError, match=words):
-            fold_view(rows, folds, fold)
+            check()

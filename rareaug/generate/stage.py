@@ -29,7 +29,7 @@ from ..io import atomic_write_json
 from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
 from ..lora.store import finished_units, model_label, safe_name
 from ..run_dir import RunDir, frozen_split, timed_stage
-from ..split import SplitRow, fold_view
+from ..split import SplitRow, chosen_fold, fold_view
 from . import plans
 from .classic import classic_copy
 from .guard import Guard
@@ -90,7 +90,7 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
     distributed.setup(config.device)
     with distributed.main_first():
         rows, config, _ = frozen_split(config, given)
-    sources = fold_view(rows, config.split.folds, gen.fold).rare_train
+    sources = fold_view(rows, config.split.folds, chosen_fold(config.split.folds, gen.fold)).rare_train
     if len(sources) < 2 and gen.method in ("loft", "chimera"):
         raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")
     target = target_count(config, len(sources))

@@ -60,7 +60,7 @@ def cell_data(rows: list[SplitRow], folds: int, fold: int, synthetic: list[Examp
               scored: list[Example] = ()) -> CellData:
     """Fold `fold`'s real train / validate / test images (`split.fold_view`) and the cell's synthetic ones."""
     classes = class_names(rows)
-    view = fold_view(rows, folds, fold if folds > 1 else None)
+    view = fold_view(rows, folds, fold)
     train, val, test = ([real_example(r, classes) for r in part] for part in (view.train, view.validate, view.test))
     return CellData(train + synthetic, val, test, list(scored))
 

@@ -35,7 +35,7 @@ from ..split import SplitRow, fold_view, seen_rows
 from ..verdicts import GAIN, LOSS, NOISE, TOO_FEW, gain_kind, gain_verdict
 from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
-from .curves import read_predictions
+from .curves import cell_predictions, read_predictions
 from .data import CellData, Example, ImageCache, cell_data
 from .diversity import diversity
 from .group import train_group
@@ -262,9 +262,9 @@ def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int,
     """The method's pool for this fold, filled to the largest ratio, as examples in pool order, and why the
     guard stopped it short (None when it is full)."""
     folds = config.split.folds
-    fold_arg = fold if folds > 1 else None
-    n = math.ceil(max_ratio * len(fold_view(rows, folds, fold_arg).rare_train))
-    generate_config = dataclasses.replace(config.generate, method=method, n=n, ratio=None, fold=fold_arg,
+    n = math.ceil(max_ratio * len(fold_view(rows, folds, fold).rare_train))
+    generate_config = dataclasses.replace(config.generate, method=method, n=n, ratio=None,
+                                          fold=fold if folds > 1 else None,
                                           steps=config.sweep.generate_steps or config.generate.steps)
     folder, stopped = make_pool(dataclasses.replace(config, generate=generate_config))
     kept = kept_rows(Manifest(folder).rows())
@@ -275,7 +275,7 @@ def synthetic_pool(config: Config, rows: list[SplitRow], method: str, fold: int,
 
 
 def _needed(cell: Cell, rows: list[SplitRow], folds: int) -> int:
-    return int(round(cell.ratio * len(fold_view(rows, folds, cell.fold if folds > 1 else None).rare_train)))
+    return int(round(cell.ratio * len(fold_view(rows, folds, cell.fold).rare_train)))
 
 
 def _prefix(pools, cell: Cell, rows: list[SplitRow], folds: int) -> list[Example]:
@@ -495,7 +495,7 @@ def _ratio_summary(cells: list[dict], run: RunDir, sw) -> dict:
         val_f1.append(M.binary_metrics(labels, values, threshold)["f1"])
         thresholds.append(threshold)
         for cell in (c for c in cells if c["seed"] == seed):
-            rows = [r for r in read_predictions(run, cell["cell"]) if r["split"] == "test"]
+            rows = cell_predictions(run, cell["cell"], "test")
             test_f1_pooled_threshold.append(M.binary_metrics([int(r["label"]) for r in rows],
                                                              [float(r["score"]) for r in rows], threshold)["f1"])
     entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"],
@@ -565,7 +565,7 @@ def _test_decisions(cells: list[dict], run: RunDir, sw) -> tuple[list[str], np.n
     thresholds = _pooled_thresholds(cells, run, sw)
     ids, labels, decisions = None, None, []
     for cell in cells:
-        rows = sorted((r for r in read_predictions(run, cell["cell"]) if r["split"] == "test"), key=lambda r: r["id"])
+        rows = cell_predictions(run, cell["cell"], "test")
         ids = ids or [r["id"] for r in rows]
         labels = np.array([int(r["label"]) for r in rows], dtype=bool)
         decisions.append(np.array([float(r["score"]) >= thresholds[cell["seed"]] for r in rows]))
