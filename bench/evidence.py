@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"real training images of each other class (default {N_OTHER}); fewer for smoke runs")
     parser.add_argument("--methods", default=",".join(LORA_METHODS + BASELINES),
                         help="synthetic sources to compare (default all five); LoRA methods are fitted")
+    parser.add_argument("--adapt", default=None, choices=("labels", "domain", "language-free"),
+                        help="first `rareaug adapt` the base model on the run's training images (every class) with "
+                             "this conditioning, then fit and sample every method on it; the results are written "
+                             "next to the unadapted run's, with a side-by-side table when that one is there")
+    parser.add_argument("--adapt-steps", type=int, default=1500, help="adapt steps per fold")
+    parser.add_argument("--adapt-rank", type=int, default=0, help="adapt --rank (0: the whole UNet; mini is small)")
+    parser.add_argument("--adapt-lr", type=float, default=1e-4, help="adapt --lr")
     parser.add_argument("--label", default=None, help="suffix of the result files, e.g. cpu for a reduced protocol")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--in-process", action="store_true",
@@ -84,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                      f"{', '.join(LORA_METHODS + BASELINES)}")
-    tag = (f"evidence-{args.rare}-k{args.k}" + ("-quick" if args.quick else "")
-           + (f"-{args.label}" if args.label else ""))
+    plain_tag = (f"evidence-{args.rare}-k{args.k}" + ("-quick" if args.quick else "")
+                 + (f"-{args.label}" if args.label else ""))
+    tag = plain_tag + (f"-adapt-{args.adapt}" if args.adapt else "")
     work = args.work or ROOT / "runs" / tag
     started = time.monotonic()
 
@@ -98,8 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--config", "fashion_mnist", "--run", str(run), "--device", args.device]
     split = ["--data", str(data), "--test-data", str(test), "--rare", args.rare, "--folds", str(args.folds)]
     fit_steps = ["--steps", str(args.fit_steps)] if args.fit_steps else []
-    commands = [["fit", *common, *split, "--method", method, *fit_steps]
-                for method in LORA_METHODS if method in methods]
+    commands = []
+    if args.adapt:  # one adapted base per fold, on the images outside it; every method then fits and samples on it
+        commands.append(["adapt", *common, *split, "--conditioning", args.adapt, "--steps", str(args.adapt_steps),
+                         "--rank", str(args.adapt_rank), "--lr", str(args.adapt_lr)])
+        fit_steps += ["--base-model", "adapted"]
+    commands += [["fit", *common, *split, "--method", method, *fit_steps]
+                 for method in LORA_METHODS if method in methods]
     sweep = ["sweep-ratio", *common, "--folds", str(args.folds), "--methods", ",".join(methods),
              "--seeds", str(seeds), "--ratios", ratios]
     if args.sweep_steps:
@@ -109,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     for command in commands:
         t0 = time.monotonic()
         run_rareaug(command, args.in_process)
-        name = command[0] if command[0] != "fit" else f"fit {command[command.index('--method') + 1]}"
+        name = f"fit {command[command.index('--method') + 1]}" if command[0] == "fit" else command[0]
         minutes[name] = (time.monotonic() - t0) / 60
         print(json.dumps({"stage": name, "minutes": round(minutes[name], 2)}), flush=True)
 
@@ -118,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
                        " ".join(["python", "bench/evidence.py", *(sys.argv[1:] if argv is None else argv)]), commands)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out_dir / f"{tag}.json", json.dumps(_no_nan(evidence), indent=1, default=_plain) + "\n")
-    atomic_write_text(args.out_dir / f"{tag}.md", markdown(evidence))
+    unadapted = args.out_dir / f"{plain_tag}.json"
+    side_by_side = (json.loads(unadapted.read_text()) if args.adapt and unadapted.is_file() else None)
+    atomic_write_text(args.out_dir / f"{tag}.md", markdown(evidence) + (
+        adapted_side_by_side(evidence, side_by_side) if side_by_side else ""))
     print(f"wrote {args.out_dir / (tag + '.md')}", flush=True)
 
 
@@ -194,9 +210,40 @@ def collect(run: Path, args, seeds: int, ratios: str, minutes: dict, total: floa
         "command": command, "commands": ["rareaug " + " ".join(c) for c in commands],
         "device": device_label(resolve_device(args.device)), "versions": _versions(),
         "date": datetime.date.today().isoformat(),
+        "adapt": _adapted(run, args.adapt) if args.adapt else None,
         "mini_unet_sha256": hashlib.sha256(
             (MINI_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16],
     }
+
+
+def _adapted(run: Path, conditioning: str) -> dict:
+    """Which adapted base the run used, and what it was adapted on."""
+    variant, = [path.parent.name for path in (run / "adapted").glob(f"{conditioning}-*/adapted.json")]
+    meta = json.loads((run / "adapted" / variant / "adapted.json").read_text())
+    return {"variant": variant, "conditioning": conditioning, "base_model": meta["base_model_label"],
+            "parts": meta["parts"]}
+
+
+def adapted_side_by_side(adapted: dict, unadapted: dict, model: str = "resnet18") -> str:
+    """Each method at the ratio validation chose, on the unadapted base and on the adapted one (same split, seeds
+    and test images; each run's own validation choice), with the share of its pool judged the rare class."""
+    lines = ["", f"## Against the unadapted base ({adapted['adapt']['conditioning']} adaptation, "
+             f"`{adapted['adapt']['variant']}`)", "",
+             "| method | base | ratio (validation's choice) | test F1 [95% CI] | test PR-AUC [95% CI] | "
+             "F1 gain over 0× [95% CI] | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method in adapted["summary"]["models"][model]:
+        for name, e in (("unadapted", unadapted), ("adapted", adapted)):
+            entry = e["summary"]["models"].get(model, {}).get(method)
+            if not entry:
+                continue
+            ratio = entry["recommended_ratio"]
+            row = e["table"][f"{model}|{method}|{ratio:g}"]
+            gain = entry.get("gain_over_ratio_0") or {}
+            span = f"{gain['diff']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]" if "diff" in gain else "—"
+            verdict = gain_verdict(gain) if "diff" in gain else "—"
+            lines.append(f"| {method} | {name} | {ratio:g}× | {_ci(row, 'f1')} | {_ci(row, 'pr_auc')} | {span} | "
+                         f"{verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def _versions() -> dict[str, str]:

@@ -171,8 +171,8 @@ def fit(
         "--method", help="loft (default): one LoRA per image; datadream: one per class; chimera: shared A + one B head "
                          "per image.")] = None,
     base_model: Annotated[Optional[str], typer.Option(
-        "--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, mini (shipped, 32 px) or tiny "
-                             "(tests).")] = None,
+        "--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, mini (shipped, 32 px), "
+                             "adapted[:<variant>] (made by `rareaug adapt`) or tiny (tests).")] = None,
     steps: Annotated[Optional[int], typer.Option(
         "--steps", help="Optimizer steps per LoRA (loft 600, datadream 400).")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (loft 2, datadream 16).")] = None,
@@ -215,6 +215,74 @@ def fit(
     )
     for one_class in cfg.per_rare_class():
         run_fit(one_class, given, force=force, console=console)
+
+
+@app.command()
+@user_errors
+def adapt(
+    run: RunOpt = None,
+    data: DataOpt = None,
+    rare: RareOpt = None,
+    conditioning: Annotated[Optional[str], typer.Option(
+        "--conditioning", help="labels (default): the recipe prompt with each image's class; domain: one domain "
+                               "prompt for all; language-free: Lafite2 pseudo text from CLIP (no captions).")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base-model", help="The model to adapt (default: the run's base model).")] = None,
+    unlabeled: Annotated[Optional[Path], typer.Option(
+        "--unlabeled", help="A folder of extra images of the domain, without labels (copies of held-out images are "
+                            "refused).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps per fold (1000).")] = None,
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", help="Rank of the UNet LoRA (64); 0 = full fine-tuning of the UNet.")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="Learning rate (1e-4 with a LoRA, 1e-5 full).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="Training resolution in pixels, a multiple of 8.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Images per step (default sized to the device).")] = None,
+    domain_prompt: Annotated[Optional[str], typer.Option(
+        "--domain-prompt", help="The domain's prompt, e.g. 'a chest x-ray' (domain conditioning; unlabeled images "
+                                "under labels).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(
+        "--clip-model", help="language-free: local CLIP folder whose text tower is the base's text encoder (mini's "
+                             "own for mini).")] = None,
+    captions: Annotated[Optional[Path], typer.Option(
+        "--captions", help="language-free: a text file of captions whose words join the retrieval bank.")] = None,
+    pseudo_tokens: Annotated[Optional[int], typer.Option(
+        "--pseudo-tokens", help="language-free: 0 (default) = one pseudo-token per image; N = one per k-means "
+                                "cluster.")] = None,
+    perturbation: Annotated[Optional[float], typer.Option(
+        "--perturbation", help="language-free: Lafite's noise on the pseudo text, relative to its norm (0.1).")] = None,
+    layout: LayoutOpt = None,
+    negatives: NegativesOpt = None,
+    max_rare: MaxRareOpt = None,
+    max_per_class: MaxPerClassOpt = None,
+    test_data: TestDataOpt = None,
+    test_fraction: TestFractionOpt = None,
+    val_fraction: ValFractionOpt = None,
+    folds: FoldsOpt = None,
+    on_bad_file: OnBadFileOpt = None,
+    frame: FrameOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Start this adapted model over under a different config.")] = False,
+) -> None:
+    """Adapt the base model to your domain on the run's training images (every class) before the LoRAs;
+    then fit and generate with --base-model adapted[:<variant>]."""
+    from .adapt.stage import adapt as run_adapt
+
+    cfg, given = make_config(
+        config, run=run, seed=seed, device=device, **_data_flags(data, layout, rare, negatives, max_rare,
+        max_per_class, test_data, on_bad_file, test_fraction, val_fraction, folds, frame),
+        recipe__resolution=resolution, adapt__conditioning=conditioning, adapt__base_model=base_model,
+        adapt__unlabeled=unlabeled, adapt__steps=steps, adapt__rank=rank, adapt__lr=lr, adapt__batch_size=batch_size,
+        adapt__domain_prompt=domain_prompt, adapt__clip_model=clip_model, adapt__captions=captions,
+        adapt__pseudo_tokens=pseudo_tokens, adapt__perturbation=perturbation,
+    )
+    for one_class in cfg.per_rare_class():  # each class's run has its own split, so its own adapted model
+        run_adapt(one_class, given, force=force, console=console)
 
 
 @app.command()

@@ -29,8 +29,10 @@ Task = Literal["binary", "multiclass"]
 PosWeight = Literal["train", "real"]
 ThresholdRule = Literal["max_f1", "sensitivity"]
 Executor = Literal["local", "ray"]
+Conditioning = Literal["labels", "domain", "language-free"]
 CROP_RULES = typing.get_args(Crop)
 PATH_FIELDS = {"data", "test_data"}  # hashed in written stage configs: split.csv is the only file with paths
+ADAPT_PATH_FIELDS = {"unlabeled", "captions"}  # data paths of `adapt`, hashed the same way
 
 
 @dataclasses.dataclass
@@ -123,6 +125,28 @@ class GenerateConfig:
     max_attempts: int = 3
 
 
+@dataclasses.dataclass
+class AdaptConfig:
+    """`rareaug adapt`: fine-tune the base model on the run's train images (and unlabeled ones) first."""
+
+    conditioning: Conditioning = "labels"
+    base_model: str | None = None  # None: the run's base model (fit.base_model)
+    steps: int = 1000
+    rank: int = 64  # a LoRA of this rank on the UNet's attention and feed-forward layers; 0: full fine-tuning
+    lr: float | None = None  # None: 1e-4 for a LoRA, 1e-5 for full fine-tuning
+    batch_size: int | None = None  # None: sized to the device
+    domain_prompt: str = "a photo"  # `domain` conditioning, and unlabeled images under `labels`
+    unlabeled: str | None = None  # a folder of extra images of the domain, without labels
+    captions: str | None = None  # language-free: a text file of captions whose words join the retrieval bank
+    clip_model: str | None = None  # language-free: a CLIP folder whose text tower is the base's text encoder
+    pseudo_tokens: int = 0  # language-free: 0 = one pseudo-token per image; N = one per k-means cluster
+    perturbation: float = 0.1  # language-free: Lafite's noise on the pseudo text, relative to its norm
+    token_steps: int = 200  # language-free: contrastive optimisation steps of the pseudo-tokens
+    uncond_prob: float = 0.1  # share of images trained with the empty prompt, for classifier-free guidance
+    warmup_steps: int = 20
+    checkpoint_every: int = 100
+
+
 LORA_METHODS = typing.get_args(FitMethod)  # the methods `fit` trains LoRAs for
 GENERATE_METHODS = typing.get_args(GenerateMethod)
 
@@ -177,6 +201,7 @@ class Config:
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    adapt: AdaptConfig = dataclasses.field(default_factory=AdaptConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -281,12 +306,13 @@ def default_recipe(data: str | None, layout: str | None) -> str:
 def check_config(config: Config) -> None:
     """Check values before any work starts; each message names the option and the fix."""
     _check_choices(config.recipe, lambda name: f"recipe {name}")
-    for section in (config.fit, config.generate, config.sweep):
+    for section in (config.fit, config.generate, config.sweep, config.adapt):
         _check_choices(section, _flag)
     _check_data(config)
     _check_fit(config.recipe, config.fit)
     _check_generate(config.generate)
     _check_sweep(config.sweep)
+    _check_adapt(config.adapt)
 
 
 def _check_choices(section, label) -> None:
@@ -375,6 +401,24 @@ def _check_sweep(sweep: SweepConfig) -> None:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(sweep, name)}")
     if sweep.input_size is not None and sweep.input_size < 16:
         raise RareaugError(f"--input-size must be at least 16 pixels, got {sweep.input_size}")
+
+
+def _check_adapt(adapt: AdaptConfig) -> None:
+    for name in ("steps", "token_steps", "checkpoint_every", "batch_size"):
+        value = getattr(adapt, name)
+        if value is not None and value < 1:
+            raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if adapt.rank < 0 or adapt.pseudo_tokens < 0 or adapt.warmup_steps < 0:
+        raise RareaugError("--rank (0 = full fine-tuning), --pseudo-tokens (0 = one per image) and warmup_steps "
+                           f"must be 0 or more, got {adapt.rank}, {adapt.pseudo_tokens}, {adapt.warmup_steps}")
+    if adapt.lr is not None and adapt.lr <= 0:
+        raise RareaugError(f"--lr must be positive, got {adapt.lr}")
+    if not 0.0 <= adapt.uncond_prob < 1.0 or adapt.perturbation < 0:
+        raise RareaugError(f"uncond_prob must be in [0, 1) and --perturbation 0 or more, got {adapt.uncond_prob}, "
+                           f"{adapt.perturbation}")
+    if "{class}" in adapt.domain_prompt:
+        raise RareaugError(f"adapt domain_prompt {adapt.domain_prompt!r}: one prompt for the whole domain names "
+                           "no class; drop {class}")
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -469,8 +513,9 @@ def stage_record(config: Config, salt: str = "") -> dict[str, Any]:
     """The config as written to `stages/*.yaml`: paths hashed, since split.csv is the only file with paths."""
     record = config.to_dict()
     record.pop("run", None)
-    for name in PATH_FIELDS:
-        value = record["data"].get(name)
-        if value:
-            record["data"][name] = hash_path(value, salt)
+    for section, names in (("data", PATH_FIELDS), ("adapt", ADAPT_PATH_FIELDS)):
+        for name in names:
+            value = record[section].get(name)
+            if value:
+                record[section][name] = hash_path(value, salt)
     return record

@@ -30,6 +30,7 @@ from .lora.store import (
     save_job,
 )
 from .lora.train import Job, JobRunner, TrainData, checkpoint_path
+from .models.adapted import is_adapted, resolve_adapted
 from .run_dir import RunDir, frozen_split, timed_stage
 from .split import SplitRow, fold_view, lora_images
 
@@ -73,6 +74,9 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
     config = same_model_as_other_fits(config, given)
     fit_config = resolved_fit(config)
     check_base_model_spec(fit_config.base_model)
+    if is_adapted(fit_config.base_model):  # bare `adapted` is recorded as the variant it means
+        fit_config = dataclasses.replace(fit_config, base_model=resolve_adapted(
+            RunDir(config.run_dir()).adapted_root, fit_config.base_model))
     distributed.setup(config.device)
     device = resolve_device(distributed.local_device(config.device))
 
@@ -92,7 +96,9 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
     with distributed.main_first():
         start_over = run.check_stage_config("fit", method, config, force=force)
         out_dir.mkdir(parents=True, exist_ok=True)
-    jobs_all = plan_jobs(method, train, config.split.folds)
+    # An adapted base adapted per fold is a different model in each fold: every LoRA is then fitted per fold.
+    per_fold = is_adapted(fit_config.base_model) and config.split.folds > 1
+    jobs_all = plan_jobs(method, train, config.split.folds, per_fold)
     done = set() if start_over else finished_units(out_dir, fit_config.steps)
     pending = [job for job in jobs_all if not all(unit in done for unit in job.units)]
     skipped = sorted({unit for job in jobs_all for unit in job.units} - {u for j in pending for u in j.units})
@@ -106,7 +112,10 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
 
     # 4. Load the base model; encode images and prompts once (cached in the run dir).
     amp_dtype = amp_settings(device)[0]
-    base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32)
+    groups = _by_fold(jobs) if per_fold else {None: jobs}
+    first_fold = next(iter(groups))
+    base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32, run=run.path,
+                           fold=first_fold)
     distributed.barrier()  # every process has read what was there before rank 0 clears it
     if distributed.is_main():
         if start_over:
@@ -115,16 +124,22 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
     with distributed.main_first():
         data = encode_training_set(base, train, config, run, device)
 
-    # 5. Train this process's jobs in one bank, LoFT's adapters batch_size at a time.
+    # 5. Train this process's jobs in one bank, LoFT's adapters batch_size at a time (each fold on its own
+    #    adapted base when there is one per fold).
     checkpoints = checkpoint_folder(out_dir)
     batch_file = checkpoints / ("batch_size" if distributed.world_size() == 1 else f"batch_size.{distributed.rank()}")
     batch_size = (fit_config.batch_size or resumed_batch_size(batch_file)
                   or default_batch_size(device, method, len(train)))
     checkpoints.mkdir(exist_ok=True)
     atomic_write_text(batch_file, f"{batch_size}\n")
-    jobs = regroup_loft(jobs, batch_size) if method == "loft" else jobs
-    trained, rate = (_train_jobs(jobs, base, data, train, config, device, batch_size, out_dir, console) if jobs
-                     else ([], 0.0))
+    trained, rate = [], 0.0
+    for fold, fold_jobs in groups.items():
+        if fold != first_fold:
+            base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32,
+                                   run=run.path, fold=fold)
+        fold_jobs = regroup_loft(fold_jobs, batch_size) if method == "loft" else fold_jobs
+        done_now, rate_now = _train_jobs(fold_jobs, base, data, train, config, device, batch_size, out_dir, console)
+        trained, rate = trained + done_now, max(rate, rate_now)
 
     # 6. Rank 0 folds every process's index and loss shards into index.csv and losses.csv.
     distributed.barrier()
@@ -173,10 +188,15 @@ def _train_jobs(jobs: list[Job], base, data: TrainData, train: list[SplitRow], c
     return trained, tracker.rate()
 
 
-def plan_jobs(method: str, train: list[SplitRow], folds: int = 1) -> list[Job]:
+def plan_jobs(method: str, train: list[SplitRow], folds: int = 1, per_fold: bool = False) -> list[Job]:
     """LoFT: one job per image (grouped into chunks later); folds only restrict which pairs are fused.
     The class methods: one job for the class — with folds, one per fold on the images outside it, since a
-    class-level LoRA trained on fold k's images would leak them into fold k's synthetic data."""
+    class-level LoRA trained on fold k's images would leak them into fold k's synthetic data.
+    `per_fold` (a base adapted per fold): LoFT too fits each image once per fold that may use it, `<id>-f<k>`."""
+    if method == "loft" and per_fold:
+        index = {row.id: i for i, row in enumerate(train)}
+        return [Job("loft", f"loft-{row.id}-f{k}", [f"{row.id}-f{k}"], [index[row.id]])
+                for k in range(folds) for row in fold_view(train, folds, k).rare_train]
     if method == "loft":
         return [Job("loft", f"loft-{row.id}", [row.id], [i]) for i, row in enumerate(train)]
     cls = train[0].cls
@@ -188,6 +208,14 @@ def plan_jobs(method: str, train: list[SplitRow], folds: int = 1) -> list[Job]:
         jobs.append(Job(method, f"{method}-{safe_name(cls)}-f{k}", [f"{cls}-f{k}"],
                         [i for i, row in enumerate(train) if row.id in outside]))
     return jobs
+
+
+def _by_fold(jobs: list[Job]) -> dict[int, list[Job]]:
+    """Jobs by the fold their units belong to (`...-f<k>`), in fold order."""
+    groups: dict[int, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(int(job.units[0].rsplit("-f", 1)[1]), []).append(job)
+    return dict(sorted(groups.items()))
 
 
 def regroup_loft(jobs: list[Job], batch_size: int) -> list[Job]:

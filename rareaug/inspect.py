@@ -10,6 +10,7 @@ from rich.table import Table
 from data_adapters import Dataset
 
 from .config import Config
+from .models.adapted import finished_variants, read_meta
 from .run_dir import FEW_RARE, RunDir, frozen_split, load_data, write_data_json
 from .split import SPLITS, SplitRow, find_leaks, make_split, split_counts
 
@@ -34,7 +35,18 @@ def inspect_data(config: Config, given: set[str] = frozenset()) -> dict:
     if config.run:
         summary["run"] = str(config.run_dir())
         write_data_json(RunDir(config.run_dir()), summary)
+        summary["adapted"] = adapted_summary(RunDir(config.run_dir()))
     return summary
+
+
+def adapted_summary(run: RunDir) -> dict:
+    """Per adapted model of the run: its conditioning, and what its --unlabeled folder held and what was refused."""
+    found = {}
+    for variant in finished_variants(run.adapted_root):
+        meta = read_meta(run.adapted(variant))
+        found[variant] = {"conditioning": meta["conditioning"], "base_model": meta["base_model_label"],
+                          "unlabeled": meta["unlabeled"]}
+    return found
 
 
 def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -> dict:
@@ -125,6 +137,14 @@ def render(summary: dict, console: Console) -> None:
             console.print(f"  ... and {len(problems) - 20} more (see --json)")
     for warning in summary["warnings"]:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    for variant, entry in summary.get("adapted", {}).items():
+        unlabeled = entry["unlabeled"]
+        refused = "; ".join(f"fold {part['fold']}: used {part['used']}, refused "
+                            f"{part.get('near_duplicates_of_held_out', 0)} near-copies of held-out images and "
+                            f"{part.get('held_out_patients', 0)} of held-out patients" for part in unlabeled["parts"])
+        console.print(f"adapted:{escape(variant)} ({escape(entry['conditioning'])} on {escape(entry['base_model'])}): "
+                      f"--unlabeled held {unlabeled['found']} readable image(s), {unlabeled['unreadable']} unreadable"
+                      + (f"; {refused}" if unlabeled["found"] else ""), highlight=False)
     if summary.get("split_file") == "written":
         console.print(f"split frozen in {escape(str(summary['run']))}/split.csv")
     elif summary.get("split_file") == "read":

@@ -90,6 +90,15 @@ class RunDir:
         """A method's LoRA set; `lora.store` owns the files inside it."""
         return self.path / "loras" / method
 
+    # --- adapt: adapted/<variant>/ ------------------------------------------------------------------------
+    @property
+    def adapted_root(self) -> Path:
+        return self.path / "adapted"
+
+    def adapted(self, variant: str) -> Path:
+        """An adapted base model; `models.adapted` owns the files inside it."""
+        return self.adapted_root / variant
+
     # --- generate: synthetic/<variant>/ ------------------------------------------------------------------
     @property
     def synthetic(self) -> Path:
@@ -196,12 +205,12 @@ class RunDir:
 # What each stage's results depend on (data and split are frozen in split.csv): its record holds these only,
 # so that changing a later stage's options never refuses an earlier stage's rerun.
 STAGE_SECTIONS = {"fit": ("seed", "recipe", "fit"), "generate": ("seed", "recipe", "fit", "generate"),
-                  "sweep": ("seed", "recipe", "generate", "sweep")}
+                  "sweep": ("seed", "recipe", "generate", "sweep"), "adapt": ("seed", "recipe", "adapt")}
 
 # How a stage runs, not what it computes (the bank makes results independent of the batch size): a rerun
 # may change these freely.
 EXECUTION_KEYS = {"device": None, "fit": ("batch_size", "gradient_checkpointing", "checkpoint_every"),
-                  "generate": ("batch_size",)}
+                  "generate": ("batch_size",), "adapt": ("batch_size", "checkpoint_every")}
 
 
 def _stage_sections(stage: str, record: dict) -> dict:

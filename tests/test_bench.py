@@ -80,3 +80,22 @@ def test_readme_headlines_equal_the_committed_evidence():
     for path, model, text in blocks:
         committed = json.loads((BENCH.parent / path).read_text())
         assert text.strip() == evidence.headline(committed, model).strip(), path
+
+
+def test_adapted_arm_sits_beside_the_unadapted_one_at_each_runs_own_validation_choice():
+    sys.path.insert(0, str(BENCH))
+    import evidence
+
+    def run(f1, ratio, gain=None):
+        row = {"f1": {"mean": f1, "low": f1 - 0.1, "high": f1 + 0.1},
+               "pr_auc": {"mean": 0.5, "low": 0.4, "high": 0.6}}
+        entry = {"recommended_ratio": ratio, "gain_over_ratio_0": gain or {}}
+        return {"summary": {"models": {"resnet18": {"loft": entry}}}, "table": {f"resnet18|loft|{ratio:g}": row}}
+
+    adapted = {**run(0.4, 2.0, {"diff": 0.1, "low": 0.02, "high": 0.2, "runs": 9}),
+               "adapt": {"conditioning": "language-free", "variant": "language-free-abc"}}
+    text = evidence.adapted_side_by_side(adapted, run(0.3, 0.0))
+    lines = [line for line in text.splitlines() if line.startswith("| loft")]
+    assert lines[0].startswith("| loft | unadapted | 0× | 0.300")
+    assert lines[1].startswith("| loft | adapted | 2× | 0.400")
+    assert "+0.100 [+0.020, +0.200]" in lines[1] and "`language-free-abc`" in text

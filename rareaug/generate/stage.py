@@ -28,6 +28,7 @@ from ..images import model_input
 from ..io import atomic_write_json
 from ..lora.files import TEXT_PREFIX, bank_from_chimera_file, bank_from_lora_files
 from ..lora.store import finished_units, model_label, safe_name
+from ..models.adapted import is_adapted, resolve_adapted
 from ..run_dir import RunDir, frozen_split, timed_stage
 from ..split import SplitRow, chosen_fold, fold_view
 from . import plans
@@ -67,6 +68,9 @@ def variant_name(config: Config) -> str:
             parts.append(f"s{gen.steps}")
         if gen.scheduler != "default":
             parts.append(gen.scheduler.replace("+", "p").lower())
+        base = gen.base_model or config.fit.base_model
+        if is_adapted(base):
+            parts.append(base.partition(":")[2])  # the adapted model's variant, e.g. labels-d75bd073
     if gen.fold is not None:
         parts.append(f"f{gen.fold}")
     return "-".join(parts)
@@ -95,9 +99,9 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
         raise RareaugError(f"only {len(sources)} real rare image(s) to fuse; at least 2 are needed")
     target = target_count(config, len(sources))
     run = RunDir(config.run_dir())
-    variant = variant_name(config)
     fit_stage = _fit_stage(run, gen.method)
-    config = _with_fit_settings(config, fit_stage)
+    config = _with_fit_settings(_with_resolved_base(config, run), fit_stage)
+    variant = variant_name(config)
     recorded = dataclasses.replace(config, generate=dataclasses.replace(gen, n=None, ratio=None, batch_size=None))
     folder = run.pool(variant)
     manifest = Manifest(folder, worker=distributed.rank())
@@ -287,6 +291,16 @@ def _with_fit_settings(config: Config, fit_stage: dict | None) -> Config:
     return dataclasses.replace(config, recipe=recipe, fit=fit, generate=dataclasses.replace(gen, base_model=base))
 
 
+def _with_resolved_base(config: Config, run: RunDir) -> Config:
+    """Bare `adapted` recorded (and named in the variant) as the adapted model it means."""
+    gen = config.generate
+    spec = gen.base_model or config.fit.base_model
+    if gen.method == "classic" or not is_adapted(spec):
+        return config
+    return dataclasses.replace(config, generate=dataclasses.replace(
+        gen, base_model=resolve_adapted(run.adapted_root, spec)))
+
+
 def _default_batch_size(device: torch.device, resolution: int) -> int:
     if device.type != "cuda":
         return 4
@@ -317,7 +331,7 @@ class _ImageMaker:
 
         amp = sampling_dtype(device)
         base_spec = gen.base_model or config.fit.base_model
-        base = load_base_model(base_spec, device=device, dtype=amp)
+        base = load_base_model(base_spec, device=device, dtype=amp, run=run.path, fold=gen.fold)
         self.base_name, self.is_tiny = model_label(base_spec), base.is_tiny
         self.base_hash = base.weights_hash  # before LoRA layers are installed
         self.text_bank = None
@@ -342,6 +356,8 @@ class _ImageMaker:
             return bank
         done = finished_units(folder, self.config.fit.steps)
         ids = self.source_ids if method == "loft" else [stem]
+        if method == "loft" and is_adapted(self.config.fit.base_model) and gen.fold is not None:
+            ids = [f"{unit}-f{gen.fold}" for unit in ids]  # fitted per fold on each fold's adapted base
         missing = [unit for unit in ids if unit not in done]
         if missing:
             raise RareaugError(f"{len(missing)} of {len(ids)} {method} LoRA(s) missing in {folder} "

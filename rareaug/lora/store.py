@@ -101,17 +101,17 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
              base, out_dir: Path, text_bank: LoRABank | None = None) -> None:
     """Write the job's LoRA files, then its index and loss rows (files first: the index marks done)."""
     scale = fit_config.alpha / fit_config.rank
-    cls_of = {row.id: row.cls for row in train}
     common = {"rareaug_version": __version__, "method": job.method, "rank": fit_config.rank,
               "alpha": fit_config.alpha, "steps": fit_config.steps, "base_model": model_label(fit_config.base_model),
               "tiny_test_model": base.is_tiny, "format": "diffusers peft keys; alpha/rank folded into lora_B"}
     index_rows = []
     if job.method == "loft":
-        for slot, unit in enumerate(job.units):
+        for slot, unit in enumerate(job.units):  # a unit is the image id, or `<id>-f<k>` when fitted per fold
+            row = train[job.images[slot]]
             state = to_diffusers_state(bank.get_slot(slot), scale)
             save_safetensors(out_dir / f"{safe_name(unit)}.safetensors", state,
-                             {**common, "image_id": unit, "class": cls_of[unit]})
-            index_rows.append((unit, unit, cls_of[unit], _final(losses[unit])))
+                             {**common, "image_id": row.id, "class": row.cls})
+            index_rows.append((row.id, unit, row.cls, _final(losses[unit])))
     elif job.method == "datadream":
         stem, cls = job.units[0], train[job.images[0]].cls
         state = to_diffusers_state(bank.get_slot(0), scale)

