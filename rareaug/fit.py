@@ -112,7 +112,8 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
 
     # 4. Load the base model; encode images and prompts once (cached in the run dir).
     amp_dtype = amp_settings(device)[0]
-    groups = _by_fold(jobs) if per_fold else {None: jobs}
+    # A process left without jobs still loads a model and meets every barrier (on the first pending fold's base).
+    groups = (_by_fold(jobs) or {next(iter(_by_fold(pending))): []}) if per_fold else {None: jobs}
     first_fold = next(iter(groups))
     base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32, run=run.path,
                            fold=first_fold)
@@ -138,7 +139,8 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
             base = load_base_model(fit_config.base_model, device=device, dtype=amp_dtype or torch.float32,
                                    run=run.path, fold=fold)
         fold_jobs = regroup_loft(fold_jobs, batch_size) if method == "loft" else fold_jobs
-        done_now, rate_now = _train_jobs(fold_jobs, base, data, train, config, device, batch_size, out_dir, console)
+        done_now, rate_now = (_train_jobs(fold_jobs, base, data, train, config, device, batch_size, out_dir, console)
+                              if fold_jobs else ([], 0.0))
         trained, rate = trained + done_now, max(rate, rate_now)
 
     # 6. Rank 0 folds every process's index and loss shards into index.csv and losses.csv.

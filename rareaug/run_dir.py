@@ -210,7 +210,7 @@ STAGE_SECTIONS = {"fit": ("seed", "recipe", "fit"), "generate": ("seed", "recipe
 # How a stage runs, not what it computes (the bank makes results independent of the batch size): a rerun
 # may change these freely.
 EXECUTION_KEYS = {"device": None, "fit": ("batch_size", "gradient_checkpointing", "checkpoint_every"),
-                  "generate": ("batch_size",), "adapt": ("batch_size", "checkpoint_every")}
+                  "generate": ("batch_size",), "adapt": ("checkpoint_every",)}
 
 
 def _stage_sections(stage: str, record: dict) -> dict:

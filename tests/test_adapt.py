@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file
 
 import rareaug.adapt.stage as adapt_stage
@@ -172,9 +172,15 @@ def test_resume_after_interruption_gives_the_same_adapted_weights(invoke, folder
         return original(*args, **kwargs)
 
     monkeypatch.setattr(adapt_stage.F, "mse_loss", interrupting)
+    # Stopped twice: on step 1 (tokens made, no checkpoint yet), then on step 5 (checkpoint of step 4).
+    calls["n"] = 4
+    assert invoke(*adapt_args(folder_data, tmp_path / "resumed", *extra))[0] == 130
+    variant = only_variant(tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "adapted" / variant / "tokens.json").is_file()
+    assert not (tmp_path / "resumed" / "adapted" / variant / "checkpoint.safetensors").exists()
+    calls["n"] = 0
     code, _, _ = invoke(*adapt_args(folder_data, tmp_path / "resumed", *extra))
     assert code == 130
-    variant = only_variant(tmp_path / "resumed")
     assert (tmp_path / "resumed" / "adapted" / variant / "checkpoint.safetensors").is_file()
     monkeypatch.setattr(adapt_stage.F, "mse_loss", original)
     code, _, err = invoke(*adapt_args(folder_data, tmp_path / "resumed", *extra))
@@ -187,6 +193,16 @@ def test_resume_after_interruption_gives_the_same_adapted_weights(invoke, folder
         else:
             assert all(torch.equal(x, load_file(b)[k]) for k, x in load_file(a).items()), name
     assert not (tmp_path / "resumed" / "adapted" / variant / "checkpoint.safetensors").exists()
+    # Stopped after its last part but before adapted.json: a rerun writes it instead of training again.
+    meta = tmp_path / "resumed" / "adapted" / variant / "adapted.json"
+    written = json.loads(meta.read_text())
+    meta.unlink()
+    code, out, _ = invoke(*adapt_args(folder_data, tmp_path / "resumed", *extra))
+    assert code == 0 and "already adapted" in out and json.loads(meta.read_text()) == written
+    # A base model whose weights changed since is refused in one line, never fused with the wrong weights.
+    meta.write_text(json.dumps({**written, "base_model_hash": "0" * 16}))
+    with pytest.raises(RareaugError, match="now has weights"):
+        load_base_model(f"adapted:{variant}", run=tmp_path / "resumed")
 
 
 def test_unlabeled_images_that_copy_held_out_ones_are_refused(invoke, folder_data, tmp_path):
@@ -202,13 +218,16 @@ def test_unlabeled_images_that_copy_held_out_ones_are_refused(invoke, folder_dat
         pixels = np.random.default_rng(10_000 + i).integers(0, 256, (32, 32), dtype=np.uint8)
         Image.fromarray(pixels).save(unlabeled / "more" / f"new{i}.png")
     (unlabeled / "readme.txt").write_text("not an image")
+    marked = PngImagePlugin.PngInfo()
+    marked.add_text("rareaug:synthetic", "true")  # an image rareaug generated: never real data
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(unlabeled / "made-by-rareaug.png", pnginfo=marked)
     (unlabeled / "broken.png").write_bytes(b"not a png")
     before = tree_snapshot(folder_data), tree_snapshot(unlabeled)
     code, _, err = invoke(*adapt_args(folder_data, run, "--unlabeled", unlabeled))
     assert code == 0, err
     variant = only_variant(run)
     counts = json.loads((run / "adapted" / variant / "adapted.json").read_text())["unlabeled"]
-    assert counts["found"] == 7 and counts["unreadable"] == 1
+    assert counts["found"] == 7 and counts["unreadable"] == 1 and counts["synthetic"] == 1
     assert counts["parts"][0] == {"fold": 0, "used": 4, "near_duplicates_of_held_out": 3, "held_out_patients": 0}
     assert (tree_snapshot(folder_data), tree_snapshot(unlabeled)) == before  # inputs are read only
     code, out, _ = invoke("inspect", "--data", folder_data, "--rare", "crack", "--run", run)
@@ -246,6 +265,7 @@ def test_adapt_bad_input_is_one_line(invoke, folder_data, tmp_path):
         (("--base-model", "adapted"), "original model"),
         (("--rank", "-1"), "--rank"),
         (("--conditioning", "language-free", "--clip-model", tmp_path), "--clip-model"),
+        (("--unlabeled", run), "rareaug run or export folder"),
     ]
     for extra, expected in cases:
         code, _, err = invoke(*adapt_args(folder_data, run, *extra))

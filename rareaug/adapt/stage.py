@@ -22,11 +22,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from data_adapters import DecodeError
+
 from .. import __version__
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, stage_record
 from ..device import amp_context, amp_settings, resolve_device
-from ..errors import RareaugError
+from ..errors import RareaugError, one_line
 from ..images import model_input
 from ..io import atomic_write_json, write_csv
 from ..lora.files import read_safetensors, save_safetensors
@@ -67,12 +69,15 @@ class _Part:
     counts: dict
 
 
-def variant_name(config: Config, salt: str) -> str:
-    """The conditioning and a hash of everything that changes the adapted weights."""
+def variant_name(config: Config, salt: str, unlabeled_content: str = "") -> str:
+    """The conditioning and a hash of everything that changes the adapted weights (the unlabeled images by their
+    bytes, so a changed folder is another model)."""
     record = stage_record(config, salt)
     kept = {key: record[key] for key in ("seed", "recipe", "adapt")}
     kept["adapt"] = {k: v for k, v in kept["adapt"].items() if k not in EXECUTION_KEYS["adapt"]}
     kept["folds"] = config.split.folds
+    if unlabeled_content:
+        kept["unlabeled_content"] = unlabeled_content
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
     return f"{config.adapt.conditioning}-{digest}"
 
@@ -83,34 +88,41 @@ def adapt(config: Config, given: set[str] = frozenset(), force: bool = False,
     from ..models import check_base_model_spec, load_base_model
 
     console = console or Console(stderr=True)
-    # 1. The base, the split and the variant; a different config under the same name is refused.
+    # 1. The base, the split, the unlabeled images and the variant; a different config under the same name is
+    #    refused. The batch size changes the weights (images per step), so it is resolved here and recorded.
     spec = config.adapt.base_model or config.fit.base_model
     if is_adapted(spec):
         raise RareaugError(f"--base-model {spec}: adapt starts from an original model; give the one it adapted")
     check_base_model_spec(spec)
     rows, config, _ = frozen_split(config, given)
-    config = dataclasses.replace(config, adapt=dataclasses.replace(config.adapt, base_model=spec))
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, adapt=dataclasses.replace(
+        config.adapt, base_model=spec,
+        batch_size=config.adapt.batch_size or _default_batch_size(device, config.recipe.resolution)))
     run = RunDir(config.run_dir())
-    variant = variant_name(config, run.salt)
+    unlabeled, counts = (scan_unlabeled(config.adapt.unlabeled, run.path, config.data.frame) if config.adapt.unlabeled
+                         else ([], {"unreadable": 0, "content": ""}))
+    variant = variant_name(config, run.salt, counts["content"])
     folder = run.adapted(variant)
     if run.check_stage_config("adapt", variant, config, force=force) and folder.exists():
         shutil.rmtree(folder)  # --force: nothing of the old config may mix in
     # 2. Each fold's images: the labelled training images of every class, plus the unlabeled ones that copy
     #    none of the fold's validation or test images.
-    parts, unlabeled_counts = _plan_parts(rows, config)
+    parts, unlabeled_counts = _plan_parts(rows, config, unlabeled, counts)
     todo = [part for part in parts if not (part_folder(folder, config.split.folds, part.fold) / DONE_FILE).is_file()]
     skipped = [part.fold for part in parts if part not in todo]
     if not todo:
+        if not (folder / META_FILE).is_file():  # stopped after its last part, before adapted.json
+            _write_meta(folder, variant, config, parts, unlabeled_counts)
         console.print(f"adapt {variant}: already adapted in {folder}")
         return AdaptResult(variant, folder, [], skipped)
     # 3. The base model and the latents of every image (cached in the variant's folder).
-    device = resolve_device(config.device)
     base = load_base_model(spec, device=device, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     run.write_stage_config("adapt", variant, config)
     images = list({image.id: image for part in parts for image in part.images}.values())
     latents = _encode(base, images, config, folder, device)
-    base_hash, is_tiny = base.weights_hash, base.is_tiny
+    is_tiny = base.is_tiny
     # 4. Train each fold's part, resumable from its checkpoint.
     total = sum(config.adapt.steps for _ in todo)
     progress = Progress(TextColumn(f"adapt {variant}"), BarColumn(), MofNCompleteColumn(),
@@ -127,27 +139,35 @@ def adapt(config: Config, given: set[str] = frozenset(), force: bool = False,
             base = None  # the UNet now carries this part's adapter: the next part starts from a fresh copy
             trained.append(part.fold)
     # 5. adapted.json last: it marks the variant finished for --base-model adapted.
-    atomic_write_json(folder / META_FILE, {
-        "variant": variant, "conditioning": config.adapt.conditioning, "base_model": spec,
-        "base_model_label": model_label(spec), "base_model_hash": base_hash, "tiny_test_model": is_tiny,
-        "folds": config.split.folds, "full_fine_tuning": config.adapt.rank == 0,
-        "parts": [{"fold": part.fold, "labelled_images": sum(image.cls is not None for image in part.images),
-                   "unlabeled_images": sum(image.cls is None for image in part.images)} for part in parts],
-        "unlabeled": unlabeled_counts, "rareaug_version": __version__,
-    })
+    _write_meta(folder, variant, config, parts, unlabeled_counts)
     console.print(f"adapt {variant}: adapted {config.adapt.conditioning} on {len(images)} image(s), "
                   f"{len(trained)} part(s) -> {folder}; use --base-model adapted:{variant}"
                   + (" [tiny test model: not a real model]" if is_tiny else ""))
     return AdaptResult(variant, folder, trained, skipped)
 
 
-def _plan_parts(rows: list[SplitRow], config: Config) -> tuple[list[_Part], dict]:
+def _write_meta(folder: Path, variant: str, config: Config, parts: list[_Part], unlabeled_counts: dict) -> None:
+    spec = config.adapt.base_model
+    done = json.loads((part_folder(folder, config.split.folds, parts[0].fold) / DONE_FILE).read_text())
+    local = Path(spec).expanduser()
+    atomic_write_json(folder / META_FILE, {
+        "variant": variant, "conditioning": config.adapt.conditioning,
+        # a local model by its absolute path, so the run loads it from any working folder; its weights hash is
+        # checked on every load
+        "base_model": str(local.resolve()) if local.exists() else spec, "base_model_label": model_label(spec),
+        "base_model_hash": done["base_model_hash"], "tiny_test_model": spec == "tiny",
+        "folds": config.split.folds, "full_fine_tuning": config.adapt.rank == 0,
+        "parts": [{"fold": part.fold, "labelled_images": sum(image.cls is not None for image in part.images),
+                   "unlabeled_images": sum(image.cls is None for image in part.images)} for part in parts],
+        "unlabeled": unlabeled_counts, "rareaug_version": __version__,
+    })
+
+
+def _plan_parts(rows: list[SplitRow], config: Config, unlabeled: list[UnlabeledImage],
+                scan: dict) -> tuple[list[_Part], dict]:
     folds = config.split.folds
-    unlabeled: list[UnlabeledImage] = []
-    counts: dict = {"found": 0, "unreadable": 0, "parts": []}
-    if config.adapt.unlabeled:
-        unlabeled, counts["unreadable"] = scan_unlabeled(config.adapt.unlabeled)
-        counts["found"] = len(unlabeled)
+    counts: dict = {"found": len(unlabeled), "unreadable": scan["unreadable"], "parts": [],
+                    **{key: scan[key] for key in ("synthetic", "in_rareaug_folders") if key in scan}}
     keys = held_out_keys(rows) if unlabeled else {}  # every row is held out in some fold, or in the test split
     parts = []
     for fold in range(folds):
@@ -168,16 +188,25 @@ def _encode(base, images: list[_Image], config: Config, folder: Path, device) ->
         tensors, metadata = read_safetensors(cache)
         if metadata.get("ids") == ",".join(ids):
             return dict(zip(ids, tensors["posteriors"]))
-    recipe = config.recipe
     posteriors = []
     with torch.no_grad():
         for start in range(0, len(images), 64):
-            pixels = torch.stack([model_input(image.path, recipe.resolution, recipe.crop, recipe.fallback_crop,
-                                              image.mask, config.data.frame) for image in images[start:start + 64]])
+            pixels = _pixels(images[start:start + 64], config)
             posteriors.append(base.vae.encode(pixels.to(device)).latent_dist.parameters.float().cpu())
     stacked = torch.cat(posteriors)
     save_safetensors(cache, {"posteriors": stacked}, {"ids": ",".join(ids)})
     return dict(zip(ids, stacked))
+
+
+def _pixels(images: list[_Image], config: Config) -> torch.Tensor:
+    """Model inputs by the recipe's crop rule; a file that stopped decoding since it was checked is one line."""
+    recipe = config.recipe
+    try:
+        return torch.stack([model_input(image.path, recipe.resolution, recipe.crop, recipe.fallback_crop, image.mask,
+                                        config.data.frame) for image in images])
+    except DecodeError as error:
+        raise RareaugError(f"{one_line(error)}; it decoded when the run was made: restore the file, or start a new "
+                           "--run") from None
 
 
 def _prompts(base, part: _Part, config: Config, out: Path, device, generator) -> tuple[list[str], list[str]]:
@@ -188,19 +217,20 @@ def _prompts(base, part: _Part, config: Config, out: Path, device, generator) ->
                 for image in part.images], []
     if adapt.conditioning == "domain":
         return [adapt.domain_prompt] * len(part.images), []
-    tokens_file = out / "tokens.json"
+    tokens_file, state_file = out / "tokens.json", out / "tokens-rng.safetensors"
     if not tokens_file.is_file():
-        _make_tokens(base, part, config, out, device, generator)
+        _make_tokens(base, part, config, out, device, generator, state_file)
+    else:  # made by an earlier, stopped run: go on from the generator state they left
+        generator.set_state(load_checkpoint(state_file)["generator"].cpu())
     record = json.loads(tokens_file.read_text())
     names = language_free.token_names(record["tokens"])
     return [recipe.prompt.replace("{class}", names[j]) for j in record["assignment"]], names
 
 
-def _make_tokens(base, part: _Part, config: Config, out: Path, device, generator) -> None:
+def _make_tokens(base, part: _Part, config: Config, out: Path, device, generator, state_file: Path) -> None:
     adapt, recipe = config.adapt, config.recipe
     clip = language_free.load_clip(adapt.clip_model, adapt.base_model, base.text_encoder).to(device)
-    pixels = torch.stack([model_input(image.path, recipe.resolution, recipe.crop, recipe.fallback_crop, image.mask,
-                                      config.data.frame) for image in part.images])
+    pixels = _pixels(part.images, config)
     features = language_free.image_features(clip, pixels, adapt.clip_model)
     bank = [recipe.prompt, adapt.domain_prompt] + _captions(adapt.captions)
     pseudo = language_free.make_pseudo_text(clip, base.tokenizer, features, recipe.prompt, bank, adapt.pseudo_tokens,
@@ -208,10 +238,14 @@ def _make_tokens(base, part: _Part, config: Config, out: Path, device, generator
     (out / "tokens").mkdir(parents=True, exist_ok=True)
     for j, (name, embedding) in enumerate(zip(pseudo.names, pseudo.embeddings)):
         save_safetensors(out / "tokens" / f"{j}.safetensors", {name: embedding.contiguous()}, {})
+    save_checkpoint(state_file, {"generator": generator.get_state()})  # before tokens.json, which marks them made
+    # Words retrieved from --captions could be anything its text holds (names, in a report's text): withheld then.
+    retrieved = (collections.Counter(pseudo.nearest_words).most_common(20) if not adapt.captions
+                 else "withheld: --captions was given")
     atomic_write_json(out / "tokens.json", {
         "tokens": len(pseudo.names), "assignment": pseudo.assignment, "contrastive_loss": pseudo.loss,
         "alignment": language_free.alignment(clip, base.tokenizer, pseudo, recipe.prompt, features),
-        "retrieved_words": collections.Counter(pseudo.nearest_words).most_common(20),
+        "retrieved_words": retrieved,
     })
 
 
@@ -286,6 +320,7 @@ def _trainable(base, rank: int, generator: torch.Generator) -> list[torch.nn.Par
 
 def _train_part(base, part: _Part, latents: dict, config: Config, variant: str, out: Path, device, on_step) -> None:
     adapt = config.adapt
+    base_hash = base.weights_hash  # the model this part adapts, before its adapter is added
     out.mkdir(parents=True, exist_ok=True)
     generator = unit_generator(config.seed, f"adapt:{variant}:f{part.fold}")
     prompts, tokens = _prompts(base, part, config, out, device, generator)
@@ -302,7 +337,7 @@ def _train_part(base, part: _Part, latents: dict, config: Config, variant: str, 
     base.unet.train()
     posteriors = torch.stack([latents[image.id] for image in part.images]).to(device)
     scaling, scheduler = float(base.vae.config.scaling_factor), base.scheduler
-    batch = adapt.batch_size or _default_batch_size(device, config.recipe.resolution)
+    batch = adapt.batch_size
     step, losses = 0, []
     checkpoint = out / CHECKPOINT_FILE
     if checkpoint.exists():
@@ -347,7 +382,8 @@ def _train_part(base, part: _Part, latents: dict, config: Config, variant: str, 
     write_csv(out / "losses.csv", ("step", "loss"), [[i + 1, f"{value:.6g}"] for i, value in enumerate(losses)])
     tail = losses[-min(50, len(losses)):]
     atomic_write_json(out / DONE_FILE, {"steps": step, "final_loss": sum(tail) / len(tail), "images": len(part.images),
-                                        "tokens": len(tokens), **part.counts, "finished": time.time()})
+                                        "tokens": len(tokens), **part.counts, "base_model_hash": base_hash,
+                                        "finished": time.time()})
     checkpoint.unlink(missing_ok=True)
 
 

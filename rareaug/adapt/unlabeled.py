@@ -15,6 +15,7 @@ import numpy as np
 from data_adapters import DecodeError, decode
 from data_adapters.dataset import perceptual_hash
 from data_adapters.decode import is_dicom_file, is_image_file
+from data_adapters.layouts.common import is_rareaug_folder, rareaug_folders
 
 from ..errors import RareaugError
 from ..split import LEAK_MAX_DISTANCE, SplitRow
@@ -28,25 +29,39 @@ class UnlabeledImage:
     patient: str | None  # sha256 of the DICOM PatientID, in memory only
 
 
-def scan_unlabeled(folder: str) -> tuple[list[UnlabeledImage], int]:
-    """Every decodable image under `folder` (read only), in path order; returns them and the unreadable count."""
+def scan_unlabeled(folder: str, run: Path, frame: int = 0) -> tuple[list[UnlabeledImage], dict]:
+    """Every decodable image under `folder` (read only), in path order, and what was left out: unreadable files,
+    and rareaug's own outputs (images it generated, run and export folders), which are never real data."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise RareaugError(f"--unlabeled {folder}: no such folder; give a folder of images of the domain")
+    if is_rareaug_folder(root) or run.resolve().is_relative_to(root.resolve()) or \
+            root.resolve().is_relative_to(run.resolve()):
+        raise RareaugError(f"--unlabeled {folder}: a rareaug run or export folder (or one holding the run); its images "
+                           "are rareaug's own, never new real data; give a folder of real images")
+    outputs = [path.resolve() for path in rareaug_folders(root)]
     files = sorted(path for path in root.rglob("*") if path.is_file() and not path.name.startswith(".")
-                   and (is_image_file(path) or is_dicom_file(path)))
-    images, unreadable = [], 0
+                   and (is_image_file(path) or is_dicom_file(path))
+                   and not any(path.resolve().is_relative_to(output) for output in outputs))
+    images, counts = [], {"unreadable": 0, "synthetic": 0, "in_rareaug_folders": len(outputs)}
+    digest = hashlib.sha256()
     for path in files:
         try:
-            decoded = decode(path)
+            decoded = decode(path, frame=frame)
         except DecodeError:
-            unreadable += 1
+            counts["unreadable"] += 1
             continue
-        images.append(UnlabeledImage(f"u{len(images) + 1:05d}", path, perceptual_hash(decoded), _patient(path)))
+        if decoded.synthetic:
+            counts["synthetic"] += 1
+            continue
+        image = UnlabeledImage(f"u{len(images) + 1:05d}", path, perceptual_hash(decoded), _patient(path))
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        images.append(image)
     if not images:
-        raise RareaugError(f"--unlabeled {folder}: no readable image in it ({unreadable} unreadable); give a folder "
-                           "of PNG, JPEG, TIFF or DICOM images")
-    return images, unreadable
+        raise RareaugError(f"--unlabeled {folder}: no readable real image in it ({counts['unreadable']} unreadable, "
+                           f"{counts['synthetic']} made by rareaug); give a folder of PNG, JPEG, TIFF or DICOM images")
+    counts["content"] = digest.hexdigest()[:16]  # the images' bytes: a changed folder is another adapted model
+    return images, counts
 
 
 def held_out_keys(rows: list[SplitRow]) -> dict[str, tuple[int | None, str | None]]:

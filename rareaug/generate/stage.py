@@ -63,14 +63,14 @@ def variant_name(config: Config) -> str:
             parts.append(f"b{gen.beta_alpha:g}" if gen.beta_alpha is not None else f"l{gen.lam:g}")
         elif gen.method == "chimera":
             parts += [f"k{gen.k if gen.k else 'all'}", f"d{gen.dirichlet_alpha:g}"]
+        base = gen.base_model or config.fit.base_model
+        if is_adapted(base):  # the adapted model's variant, e.g. labels-d75bd073 (before g: names end in a setting)
+            parts.append(base.partition(":")[2])
         parts.append(f"g{gen.guidance:g}")
         if gen.steps != 50:
             parts.append(f"s{gen.steps}")
         if gen.scheduler != "default":
             parts.append(gen.scheduler.replace("+", "p").lower())
-        base = gen.base_model or config.fit.base_model
-        if is_adapted(base):
-            parts.append(base.partition(":")[2])  # the adapted model's variant, e.g. labels-d75bd073
     if gen.fold is not None:
         parts.append(f"f{gen.fold}")
     return "-".join(parts)

@@ -84,6 +84,10 @@ def load_adapted(root: Path, spec: str, fold: int | None, device, dtype):
     meta = read_meta(folder)
     part = part_folder(folder, meta["folds"], fold)
     base = load_base_model(meta["base_model"], device="cpu", dtype=torch.float32)
+    if meta.get("base_model_hash") and base.weights_hash != meta["base_model_hash"]:
+        raise RareaugError(f"{folder}: it adapted {meta['base_model_label']} with weights {meta['base_model_hash']}, "
+                           f"but {meta['base_model']} now has weights {base.weights_hash}; restore that model, or "
+                           "adapt again in a new --run")
     apply_part(base, part)
     components = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder,
                   "tokenizer": base.tokenizer, "scheduler": base.scheduler}
