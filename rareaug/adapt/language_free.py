@@ -110,15 +110,18 @@ def image_features(clip, images: torch.Tensor, clip_folder: str | None) -> torch
     """Normalised CLIP image features of images in [-1, 1]. A CLIP folder with a preprocessor config is fed as
     its CLIPImageProcessor says; mini's and the tiny CLIP read [-1, 1] pixels at their own size."""
     size = clip.config.vision_config.image_size
+    processor_file = Path(clip_folder or "") / "preprocessor_config.json"
+    normalise = None
+    if clip_folder and processor_file.is_file():
+        config = json.loads(processor_file.read_text())
+        normalise = (torch.tensor(config["image_mean"]).view(1, 3, 1, 1),
+                     torch.tensor(config["image_std"]).view(1, 3, 1, 1))
     features = []
     with torch.no_grad():
         for start in range(0, len(images), 256):
             chunk = images[start:start + 256].float()
-            processor_file = Path(clip_folder or "") / "preprocessor_config.json"
-            if clip_folder and processor_file.is_file():
-                config = json.loads(processor_file.read_text())
-                mean = torch.tensor(config["image_mean"]).view(1, 3, 1, 1)
-                std = torch.tensor(config["image_std"]).view(1, 3, 1, 1)
+            if normalise is not None:
+                mean, std = normalise
                 chunk = (F.interpolate(chunk / 2 + 0.5, size=(size, size), mode="bicubic", antialias=True,
                                        align_corners=False).clamp(0, 1) - mean) / std
             elif chunk.shape[-1] != size:

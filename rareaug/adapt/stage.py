@@ -122,7 +122,7 @@ def adapt(config: Config, given: set[str] = frozenset(), force: bool = False,
     run.write_stage_config("adapt", variant, config)
     images = list({image.id: image for part in parts for image in part.images}.values())
     latents = _encode(base, images, config, folder, device)
-    is_tiny = base.is_tiny
+    is_tiny, base_hash = base.is_tiny, base.weights_hash  # every part adapts the same base: hashed once
     # 4. Train each fold's part, resumable from its checkpoint.
     total = sum(config.adapt.steps for _ in todo)
     progress = Progress(TextColumn(f"adapt {variant}"), BarColumn(), MofNCompleteColumn(),
@@ -134,7 +134,7 @@ def adapt(config: Config, given: set[str] = frozenset(), force: bool = False,
             if base is None:
                 base = load_base_model(spec, device=device, dtype=torch.float32)
             out = part_folder(folder, config.split.folds, part.fold)
-            _train_part(base, part, latents, config, variant, out, device,
+            _train_part(base, base_hash, part, latents, config, variant, out, device,
                         lambda loss: progress.update(task, advance=1, loss=f"loss {loss:.4f}"))
             base = None  # the UNet now carries this part's adapter: the next part starts from a fresh copy
             trained.append(part.fold)
@@ -318,9 +318,9 @@ def _trainable(base, rank: int, generator: torch.Generator) -> list[torch.nn.Par
     return [parameter for parameter in base.unet.parameters() if parameter.requires_grad]
 
 
-def _train_part(base, part: _Part, latents: dict, config: Config, variant: str, out: Path, device, on_step) -> None:
+def _train_part(base, base_hash: str, part: _Part, latents: dict, config: Config, variant: str, out: Path, device,
+                on_step) -> None:
     adapt = config.adapt
-    base_hash = base.weights_hash  # the model this part adapts, before its adapter is added
     out.mkdir(parents=True, exist_ok=True)
     generator = unit_generator(config.seed, f"adapt:{variant}:f{part.fold}")
     prompts, tokens = _prompts(base, part, config, out, device, generator)
