@@ -10,7 +10,8 @@ as --test-data, so it never takes part in training, thresholds or the recommende
 
 It runs the CLI a user would run, on the shipped `rareaug-mini` base model (which never saw the four rare
 classes): `fit` for loft, datadream and chimera, then `sweep-ratio` (ResNet18 from scratch at 32 px; pools are
-generated on demand; ratio 0 and the `classic` and `classprompt` baselines included), and writes
+generated on demand; ratio 0 and the `classic`, `classprompt` and `img2img` (real images noised to strength 0.5 and
+denoised with the class prompt on the base model) baselines included), and writes
 bench/results/evidence-<class>-k<k>[-quick].md (and .json) with every command, the versions and the device.
 A rerun resumes: finished LoRAs, pools and cells are kept.
 """
@@ -43,7 +44,7 @@ from rareaug.split import read_split  # noqa: E402
 from rareaug.sweep.curves import cells_at, group_intervals, patient_groups  # noqa: E402
 from rareaug.verdicts import gain_kind, gain_verdict  # noqa: E402
 
-BASELINES = ("classprompt", "classic")
+BASELINES = ("classprompt", "img2img", "classic")
 FULL_RATIOS, QUICK_RATIOS = "0,1,2,4,10,20", "0,2,10"
 N_OTHER = 300
 SHOWN = ("f1", "recall", "pr_auc")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--other-per-class", type=int, default=N_OTHER,
                         help=f"real training images of each other class (default {N_OTHER}); fewer for smoke runs")
     parser.add_argument("--methods", default=",".join(LORA_METHODS + BASELINES),
-                        help="synthetic sources to compare (default all five); LoRA methods are fitted")
+                        help="synthetic sources to compare (default all six); LoRA methods are fitted")
     parser.add_argument("--adapt", default=None, choices=("labels", "domain", "language-free"),
                         help="first `rareaug adapt` the base model on the run's training images (every class) with "
                              "this conditioning, then fit and sample every method on it; the results are written "

@@ -187,6 +187,10 @@ def fit(
     text_encoder_lora: Annotated[Optional[bool], typer.Option(
         "--text-encoder-lora/--no-text-encoder-lora",
         help="datadream: also a LoRA on the text encoder's attention.")] = None,
+    semantic_boost: Annotated[Optional[bool], typer.Option(
+        "--semantic-boost/--no-semantic-boost",
+        help="chimera (default on): the shared A also trains on random crops that keep each image's mask box "
+             "whole; images without a mask train it on their standard crop.")] = None,
     layout: LayoutOpt = None,
     negatives: NegativesOpt = None,
     max_rare: MaxRareOpt = None,
@@ -212,6 +216,7 @@ def fit(
         recipe__resolution=resolution, fit__method=method,
         fit__base_model=base_model, fit__steps=steps, fit__rank=rank, fit__lr=lr, fit__batch_size=batch_size,
         fit__gradient_checkpointing=gradient_checkpointing, fit__text_encoder_lora=text_encoder_lora,
+        fit__semantic_boost=semantic_boost,
     )
     for one_class in cfg.per_rare_class():
         run_fit(one_class, given, force=force, console=console)
@@ -295,8 +300,15 @@ def generate(
     ratio: Annotated[Optional[float], typer.Option(
         "--ratio", help="R x (real rare train images) kept synthetic images.")] = None,
     method: Annotated[Optional[str], typer.Option(
-        "--method", help="loft (default), datadream, chimera, classprompt (no LoRA) or classic (albumentations "
-                         "copies).")] = None,
+        "--method", help="loft (default), datadream, chimera, classprompt (no LoRA), img2img (real images noised "
+                         "to --strength, denoised), classic (albumentations copies), cutpaste or perlin (defects on "
+                         "normal images, with masks).")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        "--strength", help="img2img: how far each real image is noised, 0-1 (0.5); small stays near the "
+                           "source.")] = None,
+    lora: Annotated[Optional[str], typer.Option(
+        "--lora", help="img2img: none (default, the base model) or datadream (the class LoRA; fit it "
+                       "first).")] = None,
     lam: Annotated[Optional[float], typer.Option(
         "--lambda", help="LoFT: weight of the first LoRA of a pair (0.5); 1 = one LoRA alone.")] = None,
     beta_alpha: Annotated[Optional[float], typer.Option(
@@ -335,7 +347,7 @@ def generate(
 
     cfg, given = make_config(
         config, run=run, seed=seed, device=device, data__rare=rare, generate__n=n, generate__ratio=ratio,
-        generate__method=method,
+        generate__method=method, generate__strength=strength, generate__lora=lora,
         generate__lam=lam, generate__beta_alpha=beta_alpha, generate__k=k, generate__dirichlet_alpha=dirichlet_alpha,
         generate__guidance=guidance, generate__steps=steps, generate__scheduler=scheduler,
         generate__batch_size=batch_size, generate__fold=fold, generate__base_model=base_model, generate__guard=guard,
@@ -367,7 +379,8 @@ def sweep_ratio(
     ratios: Annotated[Optional[str], typer.Option(
         "--ratios", help="Synthetic-to-real ratios (default 0,0.5,1,2,4,10,20).")] = None,
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Synthetic sources, e.g. loft,classic,classprompt (default loft).")] = None,
+        "--methods", help="Synthetic sources, e.g. loft,img2img,classic,classprompt (default loft); cutpaste, "
+                          "perlin for defect data.")] = None,
     model: Annotated[Optional[list[str]], typer.Option(
         "--model", help="resnet18 (default), resnet50, clip; repeat or comma-separate.")] = None,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per cell (default 3).")] = None,
@@ -404,6 +417,10 @@ def sweep_ratio(
                               "on a CPU).")] = None,
     generate_steps: Annotated[Optional[int], typer.Option(
         "--generate-steps", help="Sampling steps for pools made on demand.")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        "--strength", help="img2img pools: how far each real image is noised, 0-1 (0.5).")] = None,
+    lora: Annotated[Optional[str], typer.Option(
+        "--lora", help="img2img pools: none (default) or datadream (the class LoRA).")] = None,
     guard_rule: GuardRuleOpt = None,
     guard_ratio: GuardRatioOpt = None,
     guard_threshold: GuardThresholdOpt = None,
@@ -423,7 +440,8 @@ ratio."""
         sweep__clip_model=clip_model, sweep__pos_weight=pos_weight, sweep__task=task, sweep__executor=executor,
         sweep__ray_address=ray_address, sweep__gpus_per_cell=gpus_per_cell, sweep__cpus_per_cell=cpus_per_cell,
         sweep__group_cells=group_cells,
-        sweep__generate_steps=generate_steps, generate__guard_rule=guard_rule_of(guard_rule, guard_threshold),
+        sweep__generate_steps=generate_steps, generate__strength=strength, generate__lora=lora,
+        generate__guard_rule=guard_rule_of(guard_rule, guard_threshold),
         generate__guard_ratio=guard_ratio, generate__guard_threshold=guard_threshold,
     )
     sweep_classes(cfg.per_rare_class(), pool_maker(console), given, console=console)
@@ -534,9 +552,11 @@ def demo(
 @user_errors
 def export_set(
     run: Annotated[Path, typer.Option("--run", help="Run directory.")],
-    out: Annotated[Path, typer.Option("--out", help="New folder for the training set (class/image + manifest.csv).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="New folder for the training set (class/image + manifest.csv; see --masks).")],
     method: Annotated[str, typer.Option(
-        "--method", help="Whose synthetic images: loft (default), datadream, chimera, classprompt, classic.")] = "loft",
+        "--method", help="Whose synthetic images: loft (default), datadream, chimera, classprompt, img2img, classic, "
+                         "cutpaste, perlin.")] = "loft",
     ratio: Annotated[Optional[float], typer.Option(
         "--ratio", help="R x (real rare train images) synthetic images.")] = None,
     recommended: Annotated[bool, typer.Option(
@@ -548,14 +568,19 @@ def export_set(
     fold: Annotated[Optional[int], typer.Option(
         "--fold", help="Cross-validated runs: export fold F's training images and pool.")] = None,
     frame: Annotated[int, typer.Option("--frame", help="Frame of multi-frame DICOMs (as the run used).")] = 0,
+    masks: Annotated[bool, typer.Option(
+        "--masks", help="MVTec AD / anomalib layout instead of class folders: train/good, test/<defect>, "
+        "ground_truth/<defect>/<id>_mask.png.")] = False,
 ) -> None:
     """Export real train images (re-encoded as PNG, no metadata) + kept synthetic images of one pool and ratio as a
-    class-folder training set."""
+    class-folder training set, or with --masks in the MVTec AD layout with defect masks."""
     from .export import export_training_set
 
-    result = export_training_set(run, out, method, ratio, recommended, model, variant, fold, frame)
+    result = export_training_set(run, out, method, ratio, recommended, model, variant, fold, frame, masks)
     console.print(f"wrote {result.out}: {result.real} real and {result.synthetic} synthetic images "
                   f"({result.variant or 'none'}, ratio {result.ratio:g}), manifest.csv beside them")
+    if masks:
+        console.print(result.masks_summary(), markup=False, highlight=False)
 
 
 @app.command()

@@ -22,7 +22,8 @@ DEFAULT_RECIPE_FOR_LAYOUT = {"nih-cxr14": "chest_xray", "mt": "magnetic_tile", "
 Crop = Literal["mask-box", "center", "pad"]
 FallbackCrop = Literal["center", "pad"]
 FitMethod = Literal["loft", "datadream", "chimera"]
-GenerateMethod = Literal["loft", "datadream", "chimera", "classprompt", "classic"]
+GenerateMethod = Literal["loft", "datadream", "chimera", "classprompt", "classic", "img2img", "cutpaste", "perlin"]
+Img2ImgLora = Literal["none", "datadream"]
 GuardRule = Literal["relative", "absolute"]
 GuardDistance = Literal["ssim", "lpips"]
 Task = Literal["binary", "multiclass"]
@@ -98,6 +99,8 @@ class FitConfig:
     gradient_checkpointing: bool = False
     targets: str = "to_q,to_k,to_v,to_out.0"
     text_encoder_lora: bool = False  # datadream only: also a LoRA on the text encoder's attention
+    # chimera only (None = on): the shared A also trains on random crops that keep the mask's box whole
+    semantic_boost: bool | None = None
 
 
 @dataclasses.dataclass
@@ -111,6 +114,8 @@ class GenerateConfig:
     beta_alpha: float | None = None  # lambda ~ Beta(a, a) instead of fixed
     k: int | None = None  # chimera: heads per image (default all)
     dirichlet_alpha: float = 1.0
+    strength: float = 0.5  # img2img: how far each real image is noised before it is denoised (t0; 1 = all the way)
+    lora: Img2ImgLora = "none"  # img2img: denoise on the base model alone or with the class LoRA (DataDream's)
     guidance: float = 2.0
     steps: int = 50
     scheduler: str = "default"
@@ -149,6 +154,8 @@ class AdaptConfig:
 
 LORA_METHODS = typing.get_args(FitMethod)  # the methods `fit` trains LoRAs for
 GENERATE_METHODS = typing.get_args(GenerateMethod)
+DEFECT_METHODS = ("cutpaste", "perlin")  # defects made on normal images, each with its mask
+UNSAMPLED_METHODS = ("classic", *DEFECT_METHODS)  # no diffusion model: no sampler, no memorization guard
 
 
 @dataclasses.dataclass
@@ -186,7 +193,7 @@ class SweepConfig:
 METHOD_DEFAULTS = {
     "loft": {"steps": 600, "rank": 2, "lr": 1e-3, "samples_per_step": 1},
     "datadream": {"steps": 400, "rank": 16, "lr": 1e-4, "samples_per_step": 8},
-    "chimera": {"steps": 600, "rank": 2, "lr": 1e-3, "lr_a": 1e-4, "samples_per_step": 8},
+    "chimera": {"steps": 600, "rank": 2, "lr": 1e-3, "lr_a": 1e-4, "samples_per_step": 8, "semantic_boost": True},
 }
 
 
@@ -353,6 +360,9 @@ def _check_fit(recipe: RecipeConfig, fit: FitConfig) -> None:
             raise RareaugError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if fit.text_encoder_lora and fit.method != "datadream":
         raise RareaugError("--text-encoder-lora goes with --method datadream only (LoFT and Chimera train none)")
+    if fit.semantic_boost is not None and fit.method != "chimera":
+        raise RareaugError(f"--{'' if fit.semantic_boost else 'no-'}semantic-boost goes with --method chimera only "
+                           f"(got --method {fit.method}); drop it")
     for name in ("lr", "lr_a", "alpha"):
         value = getattr(fit, name)
         if value is not None and value <= 0:
@@ -379,6 +389,17 @@ def _check_generate(gen: GenerateConfig) -> None:
     if gen.guidance < 0:
         raise RareaugError(f"--guidance must be 0 or more (1 or less turns classifier-free guidance off), got "
                            f"{gen.guidance}")
+    if not 0.0 < gen.strength <= 1.0:
+        raise RareaugError(f"--strength must be in (0, 1], got {gen.strength}")
+    if gen.method == "img2img":
+        check_img2img_steps(gen.steps, gen.strength)
+
+def check_img2img_steps(steps: int, strength: float) -> None:
+    """img2img denoises int(steps x strength) steps (diffusers' rule): at least one, or it would return noise."""
+    if int(steps * strength) < 1:
+        raise RareaugError(f"--strength {strength:g} with {steps} sampling step(s) leaves no step to denoise "
+                           "(img2img runs int(steps x strength)); raise --strength or --steps (--generate-steps)")
+
 
 def _check_sweep(sweep: SweepConfig) -> None:
     try:

@@ -15,7 +15,7 @@ from . import distributed
 from .config import Config, resolved_fit
 from .device import amp_settings, resolve_device
 from .errors import RareaugError
-from .images import model_input
+from .images import boosted_inputs, model_input
 from .io import atomic_write_text
 from .lora.bank import LoRABank
 from .lora.files import TEXT_TARGETS, read_safetensors, save_safetensors
@@ -29,7 +29,7 @@ from .lora.store import (
     safe_name,
     save_job,
 )
-from .lora.train import Job, JobRunner, TrainData, checkpoint_path
+from .lora.train import Job, JobRunner, TrainData, checkpoint_path, unit_generator
 from .models.adapted import is_adapted, resolve_adapted
 from .run_dir import RunDir, frozen_split, timed_stage
 from .split import SplitRow, fold_view, lora_images
@@ -124,6 +124,11 @@ def fit(config: Config, given: set[str] = frozenset(), force: bool = False,
         run.write_stage_config("fit", method, config)
     with distributed.main_first():
         data = encode_training_set(base, train, config, run, device)
+    if method == "chimera" and fit_config.semantic_boost and distributed.is_main():
+        boosted = len(data.views())  # the fallback, said once: images without a mask box train A on their crop
+        console.print(f"fit chimera: semantic boosting on {boosted} of {len(train)} image(s)"
+                      + ("" if boosted == len(train) else "; without a mask box the rest train A on their standard "
+                                                          "crop only"))
 
     # 5. Train this process's jobs in one bank, LoFT's adapters batch_size at a time (each fold on its own
     #    adapted base when there is one per fold).
@@ -244,9 +249,19 @@ def default_batch_size(device: torch.device, method: str, n_images: int) -> int:
     return max(1, min(want, fit_in_memory, 64))
 
 
+BOOSTED_VIEWS = 4  # Chimera's semantic boosting: random crops per image that keep its mask's box whole
+
+
 def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir, device: torch.device) -> TrainData:
     """VAE posteriors and prompt embeddings, computed once and cached; then the VAE and text encoder
-    leave the GPU, since training needs neither."""
+    leave the GPU, since training needs neither. Chimera with semantic boosting adds its boosted views."""
+    data = _encode_standard(base, train, config, run, device)
+    if config.fit.method == "chimera" and config.fit.semantic_boost:
+        data.boosted, data.boosted_rows = _encode_boosted(base, train, config, run, device)
+    return data
+
+
+def _encode_standard(base, train: list[SplitRow], config: Config, run: RunDir, device: torch.device) -> TrainData:
     recipe = config.recipe
     key = hashlib.sha256(f"{config.fit.base_model}|{recipe.resolution}|{recipe.crop}|{recipe.fallback_crop}|"
                          f"{recipe.prompt}".encode()).hexdigest()[:12]
@@ -280,6 +295,37 @@ def encode_training_set(base, train: list[SplitRow], config: Config, run: RunDir
     save_safetensors(cache, {"posteriors": posterior_tensor, "embeds": embeds, "token_ids": token_ids},
                      {"ids": ",".join(ids), "scaling_factor": str(scaling)})
     return TrainData(ids, posterior_tensor.to(device), embeds.to(device), scaling, token_ids)
+
+
+def _encode_boosted(base, train: list[SplitRow], config: Config, run: RunDir,
+                    device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """BOOSTED_VIEWS posteriors per image with a non-empty mask (`images.boost_squares`, seeded by (seed, image
+    id)) and the row each belongs to; (None, None) when no image has one. Cached apart from the standard
+    posteriors, which every method shares."""
+    key = hashlib.sha256(f"{config.fit.base_model}|{config.recipe.resolution}|boost-v1|{BOOSTED_VIEWS}|"
+                         f"{config.seed}|{config.data.frame}".encode()).hexdigest()[:12]
+    cache = run.train_cache(f"boost-{key}")
+    ids = [row.id for row in train]
+    if cache.exists():
+        tensors, metadata = read_safetensors(cache)
+        if metadata.get("ids") == ",".join(ids):
+            return tensors["posteriors"].to(device), tensors["rows"]
+    views = [(i, boosted_inputs(row.abs_path, row.abs_mask, config.recipe.resolution, BOOSTED_VIEWS,
+                                unit_generator(config.seed, f"boost-views:{row.id}"), config.data.frame))
+             for i, row in enumerate(train)]
+    views = [(i, pixels) for i, pixels in views if pixels]
+    if not views:
+        return None, None
+    base.vae.to(device)
+    with torch.no_grad():
+        posteriors = torch.cat([base.vae.encode(torch.stack(pixels).to(device, base.vae.dtype))
+                                .latent_dist.parameters.float().cpu() for _, pixels in views])
+    base.vae.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows = torch.tensor([i for i, pixels in views for _ in pixels], dtype=torch.long)
+    save_safetensors(cache, {"posteriors": posteriors, "rows": rows}, {"ids": ",".join(ids)})
+    return posteriors.to(device), rows
 
 
 def _tokens(base, prompt: str) -> torch.Tensor:

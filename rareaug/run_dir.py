@@ -185,7 +185,7 @@ class RunDir:
         if not path.exists():
             return False
         previous = _read_yaml(path)
-        record = _stage_sections(stage, stage_record(config, self.salt))
+        record = _without_new_defaults(_stage_sections(stage, stage_record(config, self.salt)), previous)
         if _without_execution(previous) == _without_execution(record):
             return False
         if not force:
@@ -226,6 +226,23 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(content, dict):
         raise RareaugError(f"{path}: not a rareaug stage config; restore it or use a new --run")
     return content
+
+
+# Options added after runs were made, and the values that mean what a run made before them did.
+BEFORE_IT_EXISTED = {("fit", "semantic_boost"): (None, False), ("generate", "strength"): (0.5,),
+                     ("generate", "lora"): ("none",)}
+
+
+def _without_new_defaults(record: dict, previous: dict) -> dict:
+    """The record less the options a later rareaug added, where they hold a value that does what the run did
+    before they existed: upgrading rareaug never refuses a resumed run that still computes the same thing."""
+    kept = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and isinstance(previous.get(key), dict):
+            value = {k: v for k, v in value.items()
+                     if k in previous[key] or v not in BEFORE_IT_EXISTED.get((key, k), ())}
+        kept[key] = value
+    return kept
 
 
 def _without_execution(record: dict) -> dict:

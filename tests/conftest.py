@@ -197,3 +197,21 @@ def fitted_run(factory, n_rare: int, n_normal: int, fit_steps: int = 3) -> Path:
                                       "--base-model", "tiny", "--resolution", "64", "--steps", str(fit_steps)])
     assert result.exit_code == 0, result.stderr
     return run
+
+
+@pytest.fixture(scope="module")
+def fitted_loft(tmp_path_factory):
+    """One LoFT fit on the tiny model (8 rare, 12 normal images), made once per test module."""
+    return fitted_run(tmp_path_factory, n_rare=8, n_normal=12)
+
+
+@pytest.fixture
+def loft_run(fitted_loft, tmp_path):
+    """A copy of `fitted_loft` that a test may change."""
+    return shutil.copytree(fitted_loft, tmp_path / "run")
+
+
+def pool_manifest(folder: Path) -> list[dict]:
+    """A pool's manifest.csv rows."""
+    with open(folder / "manifest.csv", newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -48,7 +48,7 @@ def test_evidence_smoke_run_writes_its_table(tmp_path):
     evidence = json.loads((out / "evidence-coat-k6.json").read_text())
     assert evidence["n_test_pos"] == 20 and evidence["n_test_neg"] == 180 and evidence["n_other"] == 20
     methods = {key.split("|")[1] for key in evidence["table"]}
-    assert methods == {"loft", "datadream", "chimera", "classprompt", "classic"}
+    assert methods == {"loft", "datadream", "chimera", "classprompt", "img2img", "classic"}
     for row in evidence["table"].values():
         assert row["f1"]["low"] <= row["f1"]["mean"] <= row["f1"]["high"]
     text = (out / "evidence-coat-k6.md").read_text()

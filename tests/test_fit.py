@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import rareaug.fit as fit_module
@@ -171,6 +172,30 @@ def test_class_methods_write_their_files(invoke, folder_data, tmp_path, method):
         assert torch.allclose(factors[key], 0.5 * whole[key][0] + 0.5 * whole[key][1])
 
 
+def test_chimera_semantic_boost_with_masks_is_recorded_and_switchable(invoke, mt_data, tmp_path):
+    """Mask data: the shared A also trains on boosted views (cached apart from the posteriors every method
+    shares); --no-semantic-boost is another fit config, refused without --force, and gives another A."""
+    # A learns from step 2, once the heads of step 1's images are no longer zero (every image is in step 1)
+    (tmp_path / "recipe.yaml").write_text("fit:\n  warmup_steps: 0\n")
+    run = tmp_path / "run"
+    args = ("fit", "--data", mt_data, "--rare", "crack", "--run", run, "--method", "chimera", "--base-model", "tiny",
+            "--resolution", "32", "--steps", "2", "--config", tmp_path / "recipe.yaml")
+    code, out, err = invoke(*args)
+    assert code == 0, err
+    n_train = len(read_csv(run / "loras" / "chimera" / "index.csv"))
+    assert f"semantic boosting on {n_train} of {n_train} image(s)" in out
+    assert yaml.safe_load((run / "stages" / "fit-chimera.yaml").read_text())["fit"]["semantic_boost"] is True
+    assert len(list((run / "cache").glob("train-boost-*.safetensors"))) == 1
+    boosted = load_file(run / "loras" / "chimera" / "Crack.safetensors")
+    code, _, err = invoke(*args, "--no-semantic-boost")
+    assert code == 2 and "fit.semantic_boost" in err and "--force" in err
+    code, out, err = invoke(*args, "--no-semantic-boost", "--force")
+    assert code == 0, err
+    assert "semantic boosting" not in out
+    plain = load_file(run / "loras" / "chimera" / "Crack.safetensors")
+    assert any(not torch.equal(boosted[key], plain[key]) for key in boosted if key.endswith(".A"))
+
+
 def test_fit_errors_come_before_any_model_is_loaded(invoke, folder_data, tmp_path, monkeypatch):
     import rareaug.models as models
 
@@ -182,6 +207,8 @@ def test_fit_errors_come_before_any_model_is_loaded(invoke, folder_data, tmp_pat
     assert code == 2 and "multiple of 8" in err
     code, _, err = invoke(*fit_args(folder_data, tmp_path / "a", "--text-encoder-lora"))
     assert code == 2 and "datadream" in err and len(err.strip().splitlines()) == 1
+    code, _, err = invoke(*fit_args(folder_data, tmp_path / "a", "--no-semantic-boost"))
+    assert code == 2 and "--no-semantic-boost goes with --method chimera" in err and len(err.strip().splitlines()) == 1
     code, _, err = invoke("fit", "--data", folder_data, "--rare", "crack", "--run", tmp_path / "b",
                           "--base-model", str(tmp_path / "nowhere" / "model.txt"))
     assert code == 2 and "model.txt" in err and len(err.strip().splitlines()) == 1

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import copy
-import csv
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import pool_manifest
 from PIL import Image
 
 import rareaug.generate.stage as stage
@@ -20,22 +20,14 @@ from rareaug.split import fold_view
 FAST = ("--steps", "3", "--batch-size", "3", "--guard-threshold", "0.01")
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """One LoFT fit on the tiny model, copied for each test that changes it."""
-    from conftest import fitted_run
-
-    return fitted_run(tmp_path_factory, n_rare=8, n_normal=12)
+@pytest.fixture
+def fitted(fitted_loft):
+    return fitted_loft
 
 
 @pytest.fixture
-def run(fitted, tmp_path):
-    return shutil.copytree(fitted, tmp_path / "run")
-
-
-def manifest(folder):
-    with open(folder / "manifest.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+def run(loft_run):
+    return loft_run
 
 
 def pixels(path):
@@ -119,7 +111,7 @@ def test_generate_ratio_makes_images_and_manifest(invoke, run):
     code, out, err = invoke("generate", "--run", run, "--ratio", "2", *FAST)
     assert code == 0, err
     folder = run / "synthetic" / "loft-l0.5-g2-s3"
-    rows = manifest(folder)
+    rows = pool_manifest(folder)
     n_train = len([line for line in (run / "split.csv").read_text().splitlines() if ",1,train," in line])
     kept = [r for r in rows if r["kept"] == "1"]
     assert len(kept) == 2 * n_train
@@ -140,8 +132,8 @@ def test_pools_nest_and_extend(invoke, run, fitted, tmp_path):
     assert invoke("generate", "--run", run, "--n", "4", *FAST)[0] == 0
     assert invoke("generate", "--run", run, "--n", "8", *FAST)[0] == 0  # extends the same pool
     assert invoke("generate", "--run", other, "--n", "8", *FAST)[0] == 0  # made in one go
-    small = manifest(run / "synthetic" / "loft-l0.5-g2-s3")
-    big = manifest(other / "synthetic" / "loft-l0.5-g2-s3")
+    small = pool_manifest(run / "synthetic" / "loft-l0.5-g2-s3")
+    big = pool_manifest(other / "synthetic" / "loft-l0.5-g2-s3")
     assert [r["pool_index"] for r in small] == [r["pool_index"] for r in big]
     for row in big:
         assert np.abs(pixels(run / "synthetic" / "loft-l0.5-g2-s3" / row["file"])
@@ -153,15 +145,15 @@ def test_pools_nest_and_extend(invoke, run, fitted, tmp_path):
 def test_one_image_regenerates_alone_identically(run, invoke):
     assert invoke("generate", "--run", run, "--n", "6", *FAST)[0] == 0
     folder = run / "synthetic" / "loft-l0.5-g2-s3"
-    row = manifest(folder)[4]
+    row = pool_manifest(folder)[4]
     from rareaug.config import build_config
     from rareaug.run_dir import RunDir, frozen_split
 
     config = build_config(None, {"run": str(run), "generate.steps": 3})
     rows, config, _ = frozen_split(config, set())
     config = stage._with_fit_settings(config, stage._fit_stage(RunDir(run), "loft"))
-    maker = stage._ImageMaker(config, RunDir(run), fold_view(rows, 1).rare_train, "x", torch.device("cpu"), None)
-    alone = maker.render([(int(row["pool_index"]), int(row["attempt"]))])[0]
+    maker = stage._ImageMaker(config, RunDir(run), fold_view(rows, 1).rare_train, [], "x", torch.device("cpu"))
+    alone = maker.render([(int(row["pool_index"]), int(row["attempt"]))])[0][0]
     saved = pixels(folder / row["file"])
     regenerated = np.round(alone.mean(dim=0).numpy() * 255)
     assert np.abs(regenerated - saved).max() <= 1
@@ -184,10 +176,10 @@ def test_resume_after_interruption_has_no_duplicates(invoke, run, fitted, tmp_pa
     assert code == 130
     monkeypatch.setattr(stage._ImageMaker, "render", original)
     assert invoke("generate", "--run", run, "--n", "7", *FAST)[0] == 0
-    rows = manifest(run / "synthetic" / "loft-l0.5-g2-s3")
+    rows = pool_manifest(run / "synthetic" / "loft-l0.5-g2-s3")
     indices = [r["pool_index"] for r in rows]
     assert len(indices) == len(set(indices)) == 7
-    assert indices == [r["pool_index"] for r in manifest(straight / "synthetic" / "loft-l0.5-g2-s3")]
+    assert indices == [r["pool_index"] for r in pool_manifest(straight / "synthetic" / "loft-l0.5-g2-s3")]
     assert not list((run / "synthetic" / "loft-l0.5-g2-s3").glob("manifest.part-*"))
 
 
@@ -195,17 +187,17 @@ def test_guard_rejects_a_planted_copy_and_stops_after_three_attempts(invoke, run
     original = stage._ImageMaker.render
 
     def planted(self, batch):
-        images = original(self, batch)
+        images, masks = original(self, batch)
         for k, (slot, _) in enumerate(batch):
             if slot == 1:
                 images[k] = self.reals[0]  # an exact copy of a real training image
-        return images
+        return images, masks
 
     monkeypatch.setattr(stage._ImageMaker, "render", planted)
     code, out, err = invoke("generate", "--run", run, "--n", "4", "--steps", "3", "--batch-size", "2",
                             "--guard-threshold", "0.05")
     assert code == 0, err
-    rows = manifest(run / "synthetic" / "loft-l0.5-g2-s3")
+    rows = pool_manifest(run / "synthetic" / "loft-l0.5-g2-s3")
     slot1 = next(r for r in rows if r["pool_index"] == "1")
     assert slot1["kept"] == "0" and slot1["attempt"] == "2" and "memorization" in slot1["reject_reason"]
     assert slot1["file"] == "" and float(slot1["nearest_real_distance"]) < 0.05
@@ -234,7 +226,7 @@ def test_baselines(invoke, run, method):
     code, _, err = invoke("generate", "--run", run, "--n", "3", "--method", method, *FAST)
     assert code == 0, err
     folder = next((run / "synthetic").glob(f"{method}*"))
-    rows = manifest(folder)
+    rows = pool_manifest(folder)
     assert sum(r["kept"] == "1" for r in rows) == 3
     if method == "classic":
         assert all(r["loras"].startswith("r") and r["prompt"] == "" for r in rows)  # the real source's id
@@ -282,8 +274,8 @@ def test_datadream_with_text_encoder_lora_equals_diffusers(invoke, run):
     config = build_config(None, {"run": str(run), "generate.steps": 3, "generate.method": "datadream"})
     rows, config, _ = frozen_split(config, set())
     config = stage._with_fit_settings(config, stage._fit_stage(RunDir(run), "datadream"))
-    maker = stage._ImageMaker(config, RunDir(run), fold_view(rows, 1).rare_train, "x", torch.device("cpu"), None)
-    ours = maker.render([(0, 0)])[0]
+    maker = stage._ImageMaker(config, RunDir(run), fold_view(rows, 1).rare_train, [], "x", torch.device("cpu"))
+    ours = maker.render([(0, 0)])[0][0]
 
     base = load_base_model("tiny")
     pipe = base.pipeline()
@@ -309,24 +301,24 @@ def test_a_slot_waiting_for_its_retry_when_interrupted_is_filled_first(invoke, r
         calls["n"] += 1
         if calls["n"] == calls["stop_at"]:
             raise KeyboardInterrupt
-        images = original(self, batch)
+        images, masks = original(self, batch)
         for k, (slot, attempt) in enumerate(batch):
             if slot == 1 and attempt == 0:
                 images[k] = self.reals[0]
-        return images
+        return images, masks
 
     monkeypatch.setattr(stage._ImageMaker, "render", copy_on_first_attempt_of_slot_1)
     args = ("--steps", "3", "--batch-size", "3", "--guard-threshold", "0.05")
     straight = shutil.copytree(fitted, tmp_path / "straight")
     assert invoke("generate", "--run", straight, "--n", "6", *args)[0] == 0
-    expected = [r["pool_index"] for r in manifest(straight / "synthetic" / "loft-l0.5-g2-s3") if r["kept"] == "1"]
+    expected = [r["pool_index"] for r in pool_manifest(straight / "synthetic" / "loft-l0.5-g2-s3") if r["kept"] == "1"]
     assert expected == ["0", "1", "2", "3", "4", "5"]
 
     calls.update(n=0, stop_at=2)  # stop while slot 1 waits for its second attempt
     assert invoke("generate", "--run", run, "--n", "8", *args)[0] == 130
     calls.update(n=0, stop_at=None)
     assert invoke("generate", "--run", run, "--n", "6", *args)[0] == 0
-    kept = [r["pool_index"] for r in manifest(run / "synthetic" / "loft-l0.5-g2-s3") if r["kept"] == "1"]
+    kept = [r["pool_index"] for r in pool_manifest(run / "synthetic" / "loft-l0.5-g2-s3") if r["kept"] == "1"]
     assert kept[:6] == expected
 
 
@@ -345,9 +337,9 @@ def test_a_run_of_rejections_stops_the_pool_with_a_line_and_a_count(invoke, run,
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["stopped_by_guard"] and summary["kept"] == 0 and summary["rejected_slots"] >= 3
     assert summary["guard_rule"] == "absolute" and summary["guard_threshold"] == 2.0
-    made = len(manifest(folder))
+    made = len(pool_manifest(folder))
     code, out, err = invoke(*args)
-    assert code == 0 and "stopped the pool" in out and len(manifest(folder)) == made
+    assert code == 0 and "stopped the pool" in out and len(pool_manifest(folder)) == made
 
 
 def test_loras_fitted_on_other_layers_sample_on_those_layers(invoke, folder_data, tmp_path):

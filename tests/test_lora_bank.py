@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from peft import LoraConfig
 from rareaug.config import FitConfig
 from rareaug.lora.bank import DEFAULT_TARGETS, LoRABank
 from rareaug.lora.files import to_diffusers_state
-from rareaug.lora.train import Job, JobRunner, TrainData, draw_training_sample, unit_generator
+from rareaug.lora.train import Job, JobRunner, TrainData, checkpoint_path, draw_training_sample, unit_generator
 from rareaug.models import build_tiny_components
 
 SEED = 7
@@ -191,6 +192,68 @@ def test_class_methods_train_one_class_model(tiny, tmp_path):
         assert sum(len(v) for v in losses.values()) == 3 * 4  # 4 images per step, micro-batches of 2
         b = torch.stack([layer.lora_B.detach() for layer in bank.layers.values()][:1])[0]
         assert (b.flatten(1).abs().sum(dim=1) > 0).all()  # every head (or the class LoRA) learned
+
+
+def boosted_data(tiny) -> TrainData:
+    """train_data(3) plus two boosted views of each image but the last, which has none (no mask)."""
+    data = train_data(tiny, 3)
+    generator = torch.Generator().manual_seed(5)
+    views = torch.cat([torch.randn(4, 4, 8, 8, generator=generator), torch.full((4, 4, 8, 8), -3.0)], dim=1)
+    return dataclasses.replace(data, boosted=views, boosted_rows=torch.tensor([0, 0, 1, 1]))
+
+
+def train_chimera(tiny, data: TrainData, folder, batch_size: int = 4, on_step=None, **changes) -> dict:
+    """One chimera job on all of `data`'s images; returns its factors, {"<layer>.A": (1, r, in), ".B": (n, out, r)}."""
+    config = fit_config(**{**dict(method="chimera", steps=1, samples_per_step=3, lr_a=1e-2, warmup_steps=0,
+                                  semantic_boost=True), **changes})
+    unet = copy.deepcopy(tiny["unet"])
+    bank = LoRABank(unet, n_a=1, n_b=len(data.ids), rank=2, alpha=2.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    JobRunner(unet, bank, tiny["scheduler"], data, config, SEED, torch.device("cpu"), batch_size, folder,
+              on_step=on_step).run(Job("chimera", "chimera-gravel", ["gravel"], [0, 1, 2]))
+    return {f"{name}.{part}": getattr(layer, f"lora_{part}").detach().clone()
+            for name, layer in bank.layers.items() for part in "AB"}
+
+
+def test_semantic_boost_teaches_the_shared_a_only(tiny, tmp_path):
+    data = boosted_data(tiny)
+    # A frozen (lr 0) and no clipping: the views could reach the heads only through their own gradients,
+    # which are dropped, so the heads train exactly as without boosting.
+    frozen = dict(lr_a=0.0, max_grad_norm=1e9)
+    on = train_chimera(tiny, data, tmp_path / "frozen-on", **frozen)
+    off = train_chimera(tiny, data, tmp_path / "frozen-off", semantic_boost=False, **frozen)
+    assert all(torch.equal(on[key], off[key]) for key in on)
+    # A learning (from step 2: while every B is zero, A gets no gradient): the views change the shared A.
+    on = train_chimera(tiny, data, tmp_path / "on", steps=2)
+    off = train_chimera(tiny, data, tmp_path / "off", steps=2, semantic_boost=False)
+    a_keys = [key for key in on if key.endswith(".A")]
+    assert max((on[key] - off[key]).abs().max().item() for key in a_keys) > 1e-4
+    # Without views (no masks) boosting falls back to training as without it, bit for bit.
+    plain = dataclasses.replace(data, boosted=None, boosted_rows=None)
+    fallback = train_chimera(tiny, plain, tmp_path / "plain", steps=2)
+    assert all(torch.equal(value, off[key]) for key, value in fallback.items())
+    # Micro-batches of one sample: the same result (in float64, see in_float64).
+    tiny64, data64 = in_float64(tiny, data)
+    data64 = dataclasses.replace(data64, boosted=data.boosted.double(), boosted_rows=data.boosted_rows)
+    assert_same_factors(train_chimera(tiny64, data64, tmp_path / "batch-1", steps=2, batch_size=1),
+                        train_chimera(tiny64, data64, tmp_path / "batch-4", steps=2, batch_size=4), atol=1e-10)
+
+
+def test_semantic_boost_resumes_to_the_same_weights(tiny, tmp_path):
+    data = boosted_data(tiny)
+    # Two images a step from three: the epoch queue, and both generators, carry over the checkpoint.
+    run = dict(steps=3, samples_per_step=2, checkpoint_every=1)
+    straight = train_chimera(tiny, data, tmp_path / "straight", **run)
+
+    def interrupt(job, step, adapter_steps):
+        if step == 2:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_chimera(tiny, data, tmp_path / "resumed", on_step=interrupt, **run)
+    assert checkpoint_path(tmp_path / "resumed", "chimera-gravel").exists()
+    resumed = train_chimera(tiny, data, tmp_path / "resumed", **run)
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)
 
 
 def test_overfitting_one_image_drives_its_loss_down(tiny, tmp_path):

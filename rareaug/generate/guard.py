@@ -11,6 +11,8 @@ Rules (`--guard-rule`):
   mean distance to the next `NEIGHBOURS` nearest real images. It judges an image against the data's own spread,
   so it works on smooth images (garments, radiographs), where real images sit close to each other, and on
   textures, where every real image is far from every other.
+- image-to-image: an image made from real image s is meant to be near s, so it is judged against the *other*
+  real images only (the same rule, one fewer real image), and its distance to s is recorded on its own.
 - `absolute`: under a fixed distance (`--guard-threshold`, or the 5th percentile of each real image's distance
   to its nearest other real image). On textures that percentile is near the distance of unrelated images,
   so nearly everything counts as a copy; it is kept for comparability with earlier runs.
@@ -47,6 +49,7 @@ class Judgement:
     distances: list[float]
     scores: list[float]
     copies: list[bool]
+    source_distances: list[float] | None = None  # image-to-image: the distance to the image's own source
 
 
 class Guard:
@@ -54,14 +57,16 @@ class Guard:
 
     def __init__(self, reals: torch.Tensor, real_ids: list[str], distance: str = "ssim", rule: str = "relative",
                  ratio: float = DEFAULT_RATIO, threshold: float | None = None,
-                 device: torch.device = torch.device("cpu")):
-        """reals: (N, C, H, W) in [0, 1], at the resolution synthetic images will have."""
+                 device: torch.device = torch.device("cpu"), leave_source_out: bool = False):
+        """reals: (N, C, H, W) in [0, 1], at the resolution synthetic images will have. leave_source_out:
+        image-to-image; `judge` is given each image's source, which is left out of its judgement."""
         if distance not in ("ssim", "lpips"):
             raise RareaugError(f"--guard-distance {distance!r} is unknown; use ssim or lpips")
         if rule not in RULES:
             raise RareaugError(f"--guard-rule {rule!r} is unknown; use relative or absolute")
         self.distance, self.rule, self.ratio, self.device, self.real_ids = (
             distance, rule, float(ratio), device, real_ids)
+        self.leave_source_out = leave_source_out
         self.shift = math.ceil(SHIFT_PIXELS * GUARD_SIZE / max(reals.shape[-2:]))  # in guard pixels
         self._lpips = _load_lpips(device) if distance == "lpips" else None
         self.reals = self._prepare(reals)
@@ -79,7 +84,9 @@ class Guard:
 
     @property
     def neighbours(self) -> int:
-        return min(NEIGHBOURS, self.reals.shape[0] - 1)
+        """The real images the relative rule compares the nearest one with (each image's source left out
+        under image-to-image)."""
+        return max(min(NEIGHBOURS, self.reals.shape[0] - 1 - self.leave_source_out), 0)
 
     def record(self) -> dict:
         """What summary.json keeps of the guard, so a run says which distance and rule judged its pool."""
@@ -114,14 +121,28 @@ class Guard:
                 values = self._lpips(_three(left) * 2 - 1, _three(right) * 2 - 1).reshape(-1)
         return values.reshape(n, m)
 
-    def judge(self, images: torch.Tensor) -> Judgement:
+    def judge(self, images: torch.Tensor, sources: list[int] | None = None) -> Judgement:
+        """sources (with leave_source_out): per image, the index of the real image it was made from, left out
+        of the judgement and measured on its own."""
+        if (sources is not None) != self.leave_source_out:
+            raise ValueError("give each image's source exactly when the guard leaves sources out")
         distances = self.distances(images)
+        source_distances = None
+        neighbours = self.neighbours
+        if sources is not None:
+            rows = torch.arange(len(sources))
+            index = torch.as_tensor(sources)
+            source_distances = distances[rows, index].tolist()
+            distances[rows, index] = float("inf")
+            if distances.shape[1] == 1:  # the source was the only real image: nothing else to be near
+                return Judgement([""] * len(sources), [float("nan")] * len(sources),
+                                 [float("nan")] * len(sources), [False] * len(sources), source_distances)
         ordered, order = distances.sort(dim=1)
         nearest = ordered[:, 0]
-        if self.rule == "relative" and self.neighbours == 0:  # one real image: nothing to compare with
+        if self.rule == "relative" and neighbours == 0:  # one real image to compare with: nothing to judge by
             scores, copies = torch.full_like(nearest, float("nan")), torch.zeros_like(nearest, dtype=torch.bool)
         elif self.rule == "relative":
-            spread = ordered[:, 1:1 + self.neighbours].mean(dim=1)
+            spread = ordered[:, 1:1 + neighbours].mean(dim=1)
             scores = torch.where(spread > EXACT_DUPLICATE, nearest / spread.clamp_min(EXACT_DUPLICATE),
                                  torch.zeros_like(nearest))  # reals all identical: any match is a copy
             copies = scores < self.ratio
@@ -129,7 +150,7 @@ class Guard:
             scores = nearest
             copies = nearest < self.threshold
         return Judgement([self.real_ids[int(i)] for i in order[:, 0]], nearest.tolist(), scores.tolist(),
-                         copies.tolist())
+                         copies.tolist(), source_distances)
 
     def calibrate(self) -> float:
         """Absolute rule: 5th percentile of each real image's distance to its nearest other (non-identical) one."""

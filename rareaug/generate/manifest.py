@@ -20,11 +20,29 @@ from ..io import atomic_write_bytes, read_csv, write_csv
 
 COLUMNS = ("file", "pool_index", "class", "method", "loras", "weights", "seed", "attempt", "guidance", "steps",
            "scheduler", "prompt", "base_model", "base_model_hash", "rareaug_version", "nearest_real_id",
-           "nearest_real_distance", "guard_score", "kept", "reject_reason")
+           "nearest_real_distance", "guard_score", "kept", "reject_reason",
+           # img2img: the real image each one starts from, how far it was noised, and how far it stayed from it;
+           # cutpaste / perlin: the normal image the defect went onto, the rare image the defect came from,
+           # and the defect mask's file (masks/...)
+           "source_id", "donor_id", "strength", "source_distance", "mask")
+MASKS = "masks"  # a pool's defect masks: masks/s<slot>.png, 0 or 255, the size of the image
 
 
 def image_file(pool_index: int) -> str:
     return f"s{pool_index:06d}.png"
+
+
+def mask_file(pool_index: int) -> str:
+    """The defect mask of a cutpaste / perlin image, relative to the pool folder."""
+    return f"{MASKS}/s{pool_index:06d}.png"
+
+
+def save_mask(path: Path, mask: torch.Tensor) -> None:
+    """mask: (H, W) or (1, H, W), nonzero = defect -> an 8-bit PNG of 0 and 255 (MVTec AD's convention)."""
+    array = (mask.reshape(mask.shape[-2:]) > 0.5).to(torch.uint8).mul(255).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array, "L").save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_png(path: Path, image: torch.Tensor, grayscale: bool, variant: str, pool_index: int) -> None:

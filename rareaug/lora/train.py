@@ -7,6 +7,13 @@ Every random draw (init, posterior sample, noise, timestep) comes from the adapt
 seeded by (seed, image id), so its result does not depend on its neighbours or the chunk size.
 
 DataDream / ChimeraLoRA: a job is one class; several images per optimizer step, mean loss, one clip.
+
+ChimeraLoRA's semantic boosting: when the images have boosted views (random crops that keep the mask's box
+whole, `TrainData.boosted`), each step first runs one view of every sample's image through (A, the image's
+own head), with the same per-sample weight, and drops what that gave the B heads: only the shared A learns
+from the views, then A and B learn from the standard samples as without boosting. The views are drawn by a
+second generator of the job, so the standard samples are the same draws as without boosting; images
+without views add nothing, and a job none of whose images has one trains exactly as without boosting.
 """
 from __future__ import annotations
 
@@ -41,6 +48,15 @@ class TrainData:
     embeds: torch.Tensor  # (N, tokens, dim)
     scaling_factor: float
     token_ids: torch.Tensor | None = None  # (N, tokens): the prompt, for a text-encoder LoRA (DataDream)
+    boosted: torch.Tensor | None = None  # (M, 2*C, h, w): Chimera's boosted views (posteriors), images with masks
+    boosted_rows: torch.Tensor | None = None  # (M,): the row of the image each view was cut from
+
+    def views(self) -> dict[int, list[int]]:
+        """The boosted views of each image row that has any."""
+        by_row: dict[int, list[int]] = {}
+        for view, row in enumerate([] if self.boosted_rows is None else self.boosted_rows.tolist()):
+            by_row.setdefault(row, []).append(view)
+        return by_row
 
 
 @dataclasses.dataclass
@@ -89,6 +105,7 @@ class JobRunner:
         self.fit, self.seed, self.device, self.batch_size = fit, seed, device, batch_size
         self.checkpoint_dir, self.on_step = checkpoint_dir, on_step
         self.amp_dtype, self.use_scaler = amp_settings(device)
+        self.views = data.views() if fit.semantic_boost else {}
 
     # --- the job ----------------------------------------------------------------------------------
 
@@ -119,7 +136,13 @@ class JobRunner:
         return job.units if job.method == "loft" else [self.data.ids[i] for i in job.images]
 
     def _generators(self, job: Job) -> list[torch.Generator]:
-        return [unit_generator(self.seed, f"train:{unit}") for unit in job.units]
+        generators = [unit_generator(self.seed, f"train:{unit}") for unit in job.units]
+        if self._boosts(job):  # the views' draws, apart from the standard samples' so those stay as unboosted
+            generators.append(unit_generator(self.seed, f"boost:{job.units[0]}"))
+        return generators
+
+    def _boosts(self, job: Job) -> bool:
+        return job.method == "chimera" and any(row in self.views for row in job.images)
 
     def _init_bank(self, job: Job) -> None:
         bank = self.bank
@@ -155,21 +178,36 @@ class JobRunner:
         head = (lambda position: position) if job.method == "chimera" else (lambda position: 0)
         return [(0, head(p), job.images[p], generator, self.data.ids[job.images[p]]) for p in picks]
 
+    def _boosted_samples(self, job: Job, generators, samples) -> list[tuple[int, int, int, torch.Generator, str]]:
+        """Semantic boosting: one of its image's views (a boosted-view index in place of the image row's
+        posterior) for every sample whose image has views, drawn from the job's boost generator."""
+        if not self._boosts(job):
+            return []
+        generator, boosted = generators[-1], []
+        for a_slot, b_slot, row, _, key in samples:
+            views = self.views.get(row)
+            if views:
+                boosted.append((a_slot, b_slot, views[int(torch.randint(len(views), (1,), generator=generator))],
+                                generator, key))
+        return boosted
+
     def _step(self, job: Job, generators, optimizer, scaler, state) -> None:
         samples = self._samples(job, generators, state)
-        drawn = [draw_training_sample(self.data.posteriors[row], gen, self.scheduler, self.data.scaling_factor)
-                 for _, _, row, gen, _ in samples]
         # LoFT sums per-sample losses (each adapter's own loss); the class methods average over the step.
         weight = 1.0 if job.method == "loft" else 1.0 / len(samples)
-        for start in range(0, len(samples), self.batch_size):
-            part = slice(start, start + self.batch_size)
-            # Routing stays set through backward: gradient checkpointing re-runs the forward there.
-            with self.bank.route([s[0] for s in samples[part]], [s[1] for s in samples[part]]):
-                per_sample = self._forward(samples[part], drawn[part])
-                loss = per_sample.sum() * weight
-                (scaler.scale(loss) if scaler else loss).backward()
-            for (_, _, _, _, key), value in zip(samples[part], per_sample.detach().cpu().tolist()):
-                state["losses"][key].append(value)
+        boosted = self._boosted_samples(job, generators, samples)
+        if boosted:  # Chimera: the shared A learns from the views; what they give the heads is dropped
+            drawn = [draw_training_sample(self.data.boosted[view], gen, self.scheduler, self.data.scaling_factor)
+                     for _, _, view, gen, _ in boosted]
+            rows = [int(self.data.boosted_rows[view]) for _, _, view, _, _ in boosted]
+            self._backward(boosted, drawn, rows, weight, scaler)
+            for parameter in self.bank.b_parameters():
+                parameter.grad = None
+        drawn = [draw_training_sample(self.data.posteriors[row], gen, self.scheduler, self.data.scaling_factor)
+                 for _, _, row, gen, _ in samples]
+        per_sample = self._backward(samples, drawn, [row for _, _, row, _, _ in samples], weight, scaler)
+        for (_, _, _, _, key), value in zip(samples, per_sample):
+            state["losses"][key].append(value)
         if scaler:
             scaler.unscale_(optimizer)
         self._clip(job)
@@ -180,11 +218,24 @@ class JobRunner:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def _forward(self, samples, drawn) -> torch.Tensor:
+    def _backward(self, samples, drawn, rows: list[int], weight: float, scaler) -> list[float]:
+        """Accumulate the gradients of `weight` x the samples' summed losses, batch_size samples per UNet pass;
+        `rows` names each sample's image (its prompt). Returns the per-sample losses."""
+        losses = []
+        for start in range(0, len(samples), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            # Routing stays set through backward: gradient checkpointing re-runs the forward there.
+            with self.bank.route([s[0] for s in samples[part]], [s[1] for s in samples[part]]):
+                per_sample = self._forward(drawn[part], rows[part])
+                loss = per_sample.sum() * weight
+                (scaler.scale(loss) if scaler else loss).backward()
+            losses += per_sample.detach().cpu().tolist()
+        return losses
+
+    def _forward(self, drawn, rows: list[int]) -> torch.Tensor:
         noisy = torch.cat([d[0] for d in drawn]).to(self.device)
         target = torch.cat([d[1] for d in drawn]).to(self.device)
         timesteps = torch.cat([d[2] for d in drawn]).to(self.device)
-        rows = [row for _, _, row, _, _ in samples]
         with amp_context(self.amp_dtype):
             embeds = self._embeds(rows)
             prediction = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample
@@ -228,7 +279,8 @@ class JobRunner:
     def _restore(self, path: Path, job: Job, optimizer, lr_schedule, scaler, generators) -> dict:
         content = load_checkpoint(path)
         if (content["key"] != job.key or content["units"] != job.units
-                or tuple(content.get("slots", ())) != (self.bank.n_a, self.bank.n_b)):  # another bank size: start over
+                or tuple(content.get("slots", ())) != (self.bank.n_a, self.bank.n_b)  # another bank size: start over
+                or len(content["generators"]) != len(generators)):  # semantic boosting turned on or off: likewise
             return {"step": 0, "losses": {unit: [] for unit in self._loss_keys(job)}, "queue": []}
         _load_factors(self.bank, content["bank"])
         _load_factors(self.text_bank, content["text_bank"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import math
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from data_adapters.decode import DecodeError
 
-from ..config import hash_path
+from ..config import DEFECT_METHODS, UNSAMPLED_METHODS, hash_path
 from ..errors import RareaugError
 from ..images import model_input
 from ..io import atomic_write_text
@@ -155,6 +156,9 @@ def _curves(data: ReportData) -> str:
     return "".join(parts)
 
 
+REAL_PIXEL_METHODS = ("classic", "img2img", *DEFECT_METHODS)  # their images are made from real images' pixels
+
+
 def _images(data: ReportData, real_images: bool) -> str:
     if not data.pools:
         return ""
@@ -172,18 +176,61 @@ def _images(data: ReportData, real_images: bool) -> str:
         kept = pool.kept
         if not kept:
             continue
-        tiles = [t for t in (_synthetic_tile(pool.folder / row["file"]) for row in kept[:SYNTHETIC_SHOWN]) if t]
         parts.append(f"<h3>{html.escape(pool.variant)}</h3><p>{html.escape(_base_of(pool))}</p>")
+        if pool.method in REAL_PIXEL_METHODS and not real_images:
+            parts.append(f"<p class=\"muted\">{len(kept)} kept; not shown: {html.escape(pool.method)} images carry "
+                         "the real images' pixels.</p>")
+            continue
+        tiles = [t for t in (_synthetic_tile(pool.folder / row["file"]) for row in kept[:SYNTHETIC_SHOWN]) if t]
         if tiles:
             parts.append(_figure(figures.image_grid(tiles, 8), f"{len(kept)} kept; the first {len(tiles)} of the pool"))
         if pool.method == "loft" and real_images:
             parts.append(_fused(data, pool))
+        elif pool.method == "img2img":
+            parts.append(_from_sources(data, pool))
+        elif pool.method in DEFECT_METHODS:
+            parts.append(_with_masks(pool))
     return "".join(parts)
+
+
+def _from_sources(data: ReportData, pool) -> str:
+    """img2img: each image beside the real image it started from, with the strength and the distance kept."""
+    rows = []
+    for row in pool.kept[:FUSED_SHOWN]:
+        real = data.real(row.get("source_id", ""))
+        source, result = (_real_tile(real) if real else None), _synthetic_tile(pool.folder / row["file"])
+        if source is None or result is None:
+            continue
+        rows.append(f"<div class=\"fused\"><img alt=\"{html.escape(real.id)}\" "
+                    f"src=\"{_data_uri(figures.image_grid([source], 1))}\"> → <img alt=\"{html.escape(row['file'])}\" "
+                    f"src=\"{_data_uri(figures.image_grid([result], 1))}\"><span>{html.escape(real.id)} noised to "
+                    f"strength {html.escape(row.get('strength', ''))} → {html.escape(row['file'].rsplit('.', 1)[0])}; "
+                    f"distance to it {html.escape(row.get('source_distance', ''))}, to the nearest other real image "
+                    f"{html.escape(row.get('nearest_real_distance', ''))}</span></div>")
+    return ("<p>Image-to-image: the real image each one started from and the result.</p>" + "".join(rows)) \
+        if rows else ""
+
+
+def _with_masks(pool) -> str:
+    """Defect methods: each image beside its defect mask."""
+    rows = []
+    for row in pool.kept[:FUSED_SHOWN]:
+        image, mask = _synthetic_tile(pool.folder / row["file"]), _synthetic_tile(pool.folder / row.get("mask", ""))
+        if image is None or mask is None:
+            continue
+        rows.append(f"<div class=\"fused\"><img alt=\"{html.escape(row['file'])}\" "
+                    f"src=\"{_data_uri(figures.image_grid([image], 1))}\"> <img alt=\"mask\" "
+                    f"src=\"{_data_uri(figures.image_grid([mask], 1))}\"><span>{html.escape(row['file'])}: "
+                    f"normal image {html.escape(row.get('source_id', ''))}, defect from "
+                    f"{html.escape(row.get('donor_id', ''))}, and its mask</span></div>")
+    return ("<p>Defects with their masks (white = defect).</p>" + "".join(rows)) if rows else ""
 
 
 def _base_of(pool) -> str:
     """Which base model made the pool (an adapted one by its variant), from its summary or manifest."""
     base = pool.summary.get("base_model") or (pool.rows[0].get("base_model") if pool.rows else "") or "none"
+    if base == "none" and pool.method in DEFECT_METHODS:
+        return f"base model: none ({pool.method}: defects from the real rare images on real normal images, with masks)"
     if base == "none":
         return "base model: none (classic augmentation of the real images)"
     weights = pool.rows[0].get("base_model_hash") if pool.rows else ""
@@ -247,8 +294,13 @@ def _guard(data: ReportData) -> str:
         rule = pool.summary.get("guard_rule", "absolute")  # pools made before the relative rule were absolute
         limit = pool.summary.get("guard_ratio") if rule == "relative" else pool.summary.get("guard_threshold")
         column = "guard_score" if rule == "relative" else "nearest_real_distance"
-        values = [float(r[column]) for r in pool.rows if r.get(column) not in (None, "", "nan")]
+        values = [value for r in pool.rows if r.get(column) not in (None, "")
+                  and math.isfinite(value := float(r[column]))]
         note = pool.summary.get("stop_reason") or ("guard off" if pool.summary.get("guard") is False else "")
+        if pool.method in UNSAMPLED_METHODS:
+            note = "not guarded: edits of real images by design"
+        elif pool.method == "img2img":
+            note = (note + "; " if note else "") + "judged against the other real images, not its source"
         parts.append(f"<tr><td>{html.escape(pool.variant)}</td><td>{len(pool.rows)}</td><td>{len(pool.kept)}</td>"
                      f"<td>{len(pool.rejected)}</td><td>{html.escape(rule)}</td>"
                      f"<td>{html.escape(str(pool.summary.get('guard_distance', '')))}</td><td>{_num(limit)}</td>"

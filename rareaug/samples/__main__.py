@@ -1,4 +1,5 @@
-from rareaug.samples import build_fashion_sample, build_texture_sample
+from rareaug.samples import build_defect_sample, build_fashion_sample, build_texture_sample
 
 build_texture_sample()
+build_defect_sample()
 build_fashion_sample()
