@@ -378,7 +378,7 @@ class _ImageMaker:
         self.slot_of: dict[str, int] = {}
         # img2img: the real image each slot starts from, round-robin over this fold's rare train images.
         self.source_plan = plans.SingleAdapter(self.source_ids, config.seed)
-        self.normals = normals
+        self.normal_by_id = {row.id: row for row in normals}
         self.normal_plan = plans.SingleAdapter([row.id for row in normals], config.seed, shuffle=True) if normals \
             else None
         self.sampler = None
@@ -448,8 +448,8 @@ class _ImageMaker:
         defect methods' masks (H, W), else None."""
         gen = self.config.generate
         if gen.method == "classic":
-            reals = {row_id: image for row_id, image in zip(self.source_ids, self.reals)}
-            return torch.stack([classic_copy(reals[self.plan(slot).loras[0]], self.config.recipe.augment,
+            return torch.stack([classic_copy(self.reals[self.source_index[self.plan(slot).loras[0]]],
+                                             self.config.recipe.augment,
                                              plans.image_seed(self.seed, slot, attempt) % 2**32)
                                 for slot, attempt in batch]), None
         if gen.method in DEFECT_METHODS:
@@ -471,8 +471,7 @@ class _ImageMaker:
     def _defect_parts(self, slot: int, attempt: int) -> tuple[SplitRow, SplitRow, object]:
         """The slot's normal image (epochs of a seeded order), its donor rare image and its random stream."""
         rng = plans.stream(self.seed, self.config.generate.method, slot, attempt)
-        normal_id = self.normal_plan(slot).loras[0]
-        normal = next(row for row in self.normals if row.id == normal_id)
+        normal = self.normal_by_id[self.normal_plan(slot).loras[0]]
         return normal, self.sources[int(rng.integers(len(self.sources)))], rng
 
     def _defect(self, slot: int, attempt: int) -> tuple[torch.Tensor, torch.Tensor]:
