@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import Decoded, DecodeError, decode
+from .decode import DecodeError, decode
 from .layouts import scan as scan_layout
 from .layouts.common import rareaug_folders
 from .records import DataError, Problem, Record, Scan, one_line
+from .thumbnail import thumbnail
 
 NEGATIVE_RULES = ("normal", "all-other")
 OTHER_FINDINGS = "other findings"
@@ -188,17 +189,7 @@ def _probe_one(record: Record, frame: int = 0) -> DecodeError | None:
                            "data; move it out of the data folder", "synthetic image")
     record.width, record.height = decoded.original_size
     record.mode, record.bit_depth = decoded.mode, decoded.bit_depth
-    record.phash = perceptual_hash(decoded)
+    record.thumb = thumbnail(decoded)
     if record.patient is None and decoded.patient_id:
         record.patient = decoded.patient_id
     return None
-
-
-def perceptual_hash(decoded: Decoded) -> str:
-    """64-bit DCT hash of the grayscale image, for near-duplicate (leakage) checks across splits."""
-    import imagehash
-    from PIL import Image
-
-    gray = (decoded.pixels.mean(axis=0) * 255.0 + 0.5).astype(np.uint8)
-    return str(imagehash.phash(Image.fromarray(gray)))
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 
 class DataError(Exception):
     """The data cannot be used as given; the message is one line naming the file and the fix."""
@@ -35,7 +37,7 @@ class Record:
     height: int = 0
     mode: str = ""
     bit_depth: int = 0
-    phash: str = ""
+    thumb: np.ndarray | None = None  # 16 x 16 grayscale, for near-duplicate checks across splits
 
     def __post_init__(self) -> None:
         if not self.findings:

@@ -32,6 +32,21 @@ ConfigOpt = Annotated[Optional[str], typer.Option(
     "--config", help="Recipe name (chest_xray, magnetic_tile, mvtec, natural, fashion_mnist) or a YAML path.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for every random choice (default 0).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+
+
+def _offline(value: bool) -> bool:
+    """--offline acts while the command line is parsed, before any stage (or hub library) is imported. It is a
+    property of the machine, not of the experiment: it never enters the run's config."""
+    if value:
+        from .downloads import go_offline
+
+        go_offline()
+    return value
+
+
+OfflineOpt = Annotated[bool, typer.Option(
+    "--offline", callback=_offline, is_eager=True,
+    help="Never download: use only local files and caches (as HF_HUB_OFFLINE=1).")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Folder of images, a dataset root, or a CSV file.")]
 LayoutOpt = Annotated[Optional[str], typer.Option(
     "--layout", help="folder, mt, mvtec, nih-cxr14, csv (default: detected).")]
@@ -171,8 +186,8 @@ def fit(
         "--method", help="loft (default): one LoRA per image; datadream: one per class; chimera: shared A + one B head "
                          "per image.")] = None,
     base_model: Annotated[Optional[str], typer.Option(
-        "--base-model", help="Hub id (local cache), diffusers folder, .safetensors file, mini (shipped, 32 px), "
-                             "adapted[:<variant>] (made by `rareaug adapt`) or tiny (tests).")] = None,
+        "--base-model", help="Hub id (downloaded on first use), diffusers folder, .safetensors file, mini (shipped, "
+                             "32 px), adapted[:<variant>] (made by `rareaug adapt`) or tiny (tests).")] = None,
     steps: Annotated[Optional[int], typer.Option(
         "--steps", help="Optimizer steps per LoRA (loft 600, datadream 400).")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (loft 2, datadream 16).")] = None,
@@ -204,6 +219,7 @@ def fit(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    offline: OfflineOpt = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Start this method's fit over under a different config (its LoRAs are deleted).")] = False,
 ) -> None:
@@ -249,8 +265,8 @@ def adapt(
         "--domain-prompt", help="The domain's prompt, e.g. 'a chest x-ray' (domain conditioning; unlabeled images "
                                 "under labels).")] = None,
     clip_model: Annotated[Optional[str], typer.Option(
-        "--clip-model", help="language-free: local CLIP folder whose text tower is the base's text encoder (mini's "
-                             "own for mini).")] = None,
+        "--clip-model", help="language-free: CLIP folder or hub id whose text tower is the base's text encoder "
+                             "(mini's own for mini).")] = None,
     captions: Annotated[Optional[Path], typer.Option(
         "--captions", help="language-free: a text file of captions whose words join the retrieval bank.")] = None,
     pseudo_tokens: Annotated[Optional[int], typer.Option(
@@ -271,6 +287,7 @@ def adapt(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    offline: OfflineOpt = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Start this adapted model over under a different config.")] = False,
 ) -> None:
@@ -339,6 +356,7 @@ def generate(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    offline: OfflineOpt = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Start this pool over under a different config (its images are deleted).")] = False,
 ) -> None:
@@ -393,10 +411,11 @@ def sweep_ratio(
     lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default 1e-4).")] = None,
     pretrained: Annotated[Optional[bool], typer.Option(
         "--pretrained/--no-pretrained",
-        help="ImageNet / CLIP weights from the local cache (default) or random init.")] = None,
+        help="ImageNet / CLIP weights (default; downloaded on first use) or random init.")] = None,
     weights: Annotated[Optional[str], typer.Option(
         "--weights", help="A local ImageNet checkpoint for the ResNets.")] = None,
-    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="A local CLIP folder.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(
+        "--clip-model", help="A CLIP folder or hub id (default openai/clip-vit-base-patch16).")] = None,
     pos_weight: Annotated[Optional[str], typer.Option(
         "--pos-weight", help="train (default): negatives/positives of each cell's training set; real: of the real "
                              "data.")] = None,
@@ -427,6 +446,7 @@ def sweep_ratio(
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """Train classifiers at synthetic-to-real ratios over seeds and folds; metrics with intervals; a recommended \
 ratio."""
@@ -494,9 +514,11 @@ def demo(
     base_model: Annotated[Optional[str], typer.Option(
         "--base-model", help="Your own SD 1.x/2.x model (default: the shipped mini).")] = None,
     device: DeviceOpt = None,
+    offline: OfflineOpt = False,
 ) -> None:
     """The whole job (inspect, fit, generate, sweep-ratio, report) on real images shipped with the package and the
-    shipped mini base model, offline, in minutes on a CPU."""
+    shipped mini base model, in minutes on a CPU; it needs no download (online, LPIPS's AlexNet weights are fetched
+    for the diversity figure)."""
     from .fit import fit as run_fit
     from .generate.stage import generate as run_generate
     from .inspect import inspect_data, render
@@ -509,7 +531,7 @@ def demo(
         raise RareaugError("--data and --rare go together: your data folder and which class of it is the rare one")
     if data is not None and base_model is None:
         raise RareaugError("--data needs --base-model: your SD 1.x/2.x model (a folder, a .safetensors file or a "
-                           "cached hub id); --base-model mini runs the 32-px garment model on it, as a smoke test only")
+                           "hub id); --base-model mini runs the 32-px garment model on it, as a smoke test only")
     run = out or Path("runs/demo")
     # Real Fashion-MNIST images; rareaug-mini never saw a pullover, so it plays the rare class. Sizes are cut so
     # that a laptop CPU finishes in minutes: shorter LoRA training, ratios up to 2, one seed, 32-px classifiers.

@@ -143,7 +143,7 @@ class AdaptConfig:
     domain_prompt: str = "a photo"  # `domain` conditioning, and unlabeled images under `labels`
     unlabeled: str | None = None  # a folder of extra images of the domain, without labels
     captions: str | None = None  # language-free: a text file of captions whose words join the retrieval bank
-    clip_model: str | None = None  # language-free: a CLIP folder whose text tower is the base's text encoder
+    clip_model: str | None = None  # language-free: a CLIP (folder, hub id) whose text tower is the base's text encoder
     pseudo_tokens: int = 0  # language-free: 0 = one pseudo-token per image; N = one per k-means cluster
     perturbation: float = 0.1  # language-free: Lafite's noise on the pseudo text, relative to its norm
     token_steps: int = 200  # language-free: contrastive optimisation steps of the pseudo-tokens
@@ -173,7 +173,7 @@ class SweepConfig:
     weight_decay: float = 1e-4
     pretrained: bool = True
     weights: str | None = None  # a local ImageNet checkpoint for the ResNets
-    clip_model: str | None = None  # a local CLIP folder
+    clip_model: str | None = None  # a CLIP folder or hub id (None: openai/clip-vit-base-patch16)
     task: Task = "binary"  # binary: rare vs rest, one logit; multiclass: every class of the split, softmax
     pos_weight: PosWeight = "train"  # train: negatives/positives of the cell's own training set; real: of the real data
     threshold_rule: ThresholdRule = "max_f1"  # or "sensitivity" with target_sensitivity

@@ -11,8 +11,9 @@ from data_adapters import Dataset
 
 from .config import Config
 from .models.adapted import finished_variants, read_meta
+from .near_duplicates import find_leaks
 from .run_dir import FEW_RARE, RunDir, frozen_split, load_data, write_data_json
-from .split import SPLITS, SplitRow, find_leaks, make_split, split_counts
+from .split import SPLITS, SplitRow, make_split, split_counts
 
 
 def inspect_data(config: Config, given: set[str] = frozenset()) -> dict:
@@ -29,7 +30,7 @@ def inspect_data(config: Config, given: set[str] = frozenset()) -> dict:
     else:
         rows = make_split(dataset.records, test.records if test else [], config)
 
-    # 3. Summarise; leakage is judged on the perceptual hashes of this decode.
+    # 3. Summarise; leakage is judged on the thumbnails of this decode.
     summary = summarise(dataset, records, rows, config)
     summary["split_file"] = split_file
     if config.run:
@@ -51,9 +52,9 @@ def adapted_summary(run: RunDir) -> dict:
 
 def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -> dict:
     id_of = {(row.root, row.path): row.id for row in rows}
-    hashes = {id_of.get((r.root.as_posix(), r.rel_path)): r.phash for r in records}
-    hashes.pop(None, None)
-    leaks = find_leaks(rows, hashes)
+    thumbs = {id_of.get((r.root.as_posix(), r.rel_path)): r.thumb for r in records}
+    thumbs.pop(None, None)
+    leaks, rule = find_leaks(rows, thumbs, config.seed)
     n_rare = sum(row.rare for row in rows) if dataset.rare else None
     patients = {row.group for row in rows if row.group}
     sizes = Counter((r.width, r.height) for r in records)
@@ -70,11 +71,8 @@ def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -
                                 "missing")
         if not any(not row.rare for row in rows):
             warnings.append("no negative images: only the rare class was found; a classifier needs other images too")
-    for leak in leaks[:20]:
-        warnings.append(f"possible leakage: {leak['a']} ({leak['a_split']}) and {leak['b']} ({leak['b_split']}) "
-                        f"look alike (perceptual-hash distance {leak['distance']})")
-    if len(leaks) > 20:
-        warnings.append(f"... and {len(leaks) - 20} more near-duplicate pairs across splits")
+    if leaks:
+        warnings.append(leak_warning(leaks, rule))
     return {
         "layout": dataset.layout,
         "recipe": config.recipe.name,
@@ -95,7 +93,22 @@ def summarise(dataset: Dataset, records, rows: list[SplitRow], config: Config) -
         "problems": problems,
         "warnings": warnings,
         "leaks": leaks,
+        "near_duplicate_rule": rule,
     }
+
+
+SHOWN_LEAKS = 3
+
+
+def leak_warning(leaks: list[dict], rule: dict) -> str:
+    """One line for every near-duplicate pair across splits: the count and the closest pairs; data.json lists all."""
+    shown = "; ".join(f"{leak['a']} ({leak['a_split']}) ~ {leak['b']} ({leak['b_split']}) at {leak['distance']:.4f}"
+                      for leak in leaks[:SHOWN_LEAKS])
+    more = f" and {len(leaks) - SHOWN_LEAKS} more" if len(leaks) > SHOWN_LEAKS else ""
+    return (f"possible leakage: {len(leaks)} near-duplicate pair(s) across splits (thumbnails closer than "
+            f"{rule['threshold']:.4f}, the data's typical pair is at {rule['typical_second_nearest'] or 0:.4f}): "
+            f"{shown}{more}; every pair is listed under leaks (the run's data.json, or --json). Where two are the "
+            "same picture, keep one of them in the data")
 
 
 def render(summary: dict, console: Console) -> None:

@@ -18,11 +18,10 @@ from .config import Config, SplitConfig, hash_path, stage_record
 from .device import requested_device_label
 from .errors import RareaugError, one_line
 from .io import atomic_write_json, atomic_write_text, atomic_write_yaml
+from .near_duplicates import WHOLESALE_SHARE, duplicated_test_share
 from .run_lock import lock_run
 from .split import (
-    WHOLESALE_SHARE,
     SplitRow,
-    duplicated_test_share,
     fold_view,
     make_split,
     read_split,
@@ -315,10 +314,10 @@ def load_data(config: Config) -> tuple[Dataset, Dataset | None]:
         test = load_dataset(Path(data.test_data), None, data.rare, data.negatives, None, config.seed, data.on_bad_file,
                             data.frame)
     if test is not None:
-        share = duplicated_test_share([r.phash for r in dataset.records], [r.phash for r in test.records])
+        share = duplicated_test_share([r.thumb for r in dataset.records], [r.thumb for r in test.records])
         if share > WHOLESALE_SHARE:
             raise RareaugError(f"--test-data {data.test_data}: {share:.0%} of its images duplicate images in --data "
-                               f"{data.data} (perceptual hash): it is a copy of the training data, not a held-out "
+                               f"{data.data} (near-duplicates): it is a copy of the training data, not a held-out "
                                "test set; give a folder of images that --data does not hold")
     if dataset.rare is not None:
         n_rare = sum(record.is_rare for record in dataset.records)

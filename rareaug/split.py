@@ -24,8 +24,6 @@ from .io import read_csv, write_csv
 
 COLUMNS = ("id", "root", "path", "mask", "class", "rare", "split", "fold", "group")
 SPLITS = ("train", "val", "test")
-LEAK_MAX_DISTANCE = 4  # pHash bits; 0 = same picture, <= 4 = the same image re-encoded, resized or cropped
-LEAK_FULL_CHECK_LIMIT = 20_000  # above this many images only the rare ones are compared with all
 
 
 @dataclasses.dataclass
@@ -292,40 +290,3 @@ def split_counts(rows: list[SplitRow]) -> dict[str, dict[str, int]]:
     for row in rows:
         counts[row.split][row.cls] += 1
     return {split: dict(sorted(counter.items())) for split, counter in counts.items()}
-
-
-# --- leakage ---------------------------------------------------------------------------------------
-
-WHOLESALE_SHARE = 0.5  # more than this share of --test-data duplicating --data: a copy, not a test set
-
-
-def duplicated_test_share(train_hashes: list[str], test_hashes: list[str]) -> float:
-    """Share of test images whose perceptual hash (nearly) equals a training image's: single copies are
-    warned about as leaks; a test folder that mostly copies the training data is refused."""
-    train = np.array([int(h, 16) for h in train_hashes if h], dtype=np.uint64)
-    test = [int(h, 16) for h in test_hashes if h]
-    if train.size == 0 or not test:
-        return 0.0
-    copied = sum(bool((np.bitwise_count(train ^ np.uint64(value)) <= LEAK_MAX_DISTANCE).any()) for value in test)
-    return copied / len(test)
-
-
-def find_leaks(rows: list[SplitRow], hashes: dict[str, str]) -> list[dict]:
-    """Pairs of images in different splits whose perceptual hashes are (nearly) equal."""
-    rows = [row for row in rows if hashes.get(row.id)]
-    if len(rows) < 2:
-        return []
-    values = np.array([int(hashes[row.id], 16) for row in rows], dtype=np.uint64)
-    split_index = np.array([SPLITS.index(row.split) for row in rows])
-    probes = range(len(rows))
-    if len(rows) > LEAK_FULL_CHECK_LIMIT:
-        probes = [i for i, row in enumerate(rows) if row.rare]
-    leaks = []
-    for i in probes:
-        distance = np.bitwise_count(values ^ values[i])
-        hits = np.nonzero((distance <= LEAK_MAX_DISTANCE) & (split_index != split_index[i]))[0]
-        for j in hits:
-            if j > i or (len(rows) > LEAK_FULL_CHECK_LIMIT and not rows[j].rare):
-                leaks.append({"a": rows[i].id, "a_split": rows[i].split, "b": rows[int(j)].id,
-                              "b_split": rows[int(j)].split, "distance": int(distance[j])})
-    return leaks

@@ -1,16 +1,21 @@
 """Tiny generated fixtures for every layout. Each image is distinct noise, so no leakage warnings fire
-unless a test plants a duplicate on purpose."""
+unless a test plants a duplicate on purpose. No test downloads: HF_HUB_OFFLINE=1 for the whole session (set
+before anything imports huggingface_hub, which reads it once), unless a test unsets it with monkeypatch and
+replaces the download functions (tests/test_downloads.py)."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from rareaug.cli import app
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rareaug.cli import app  # noqa: E402
 
 _counter = iter(range(1_000_000))
 
@@ -153,6 +158,18 @@ def csv_data(tmp_path) -> Path:
         writer.writerow(["path", "label", "patient_id"])
         writer.writerows(rows)
     return root / "labels.csv"
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache of our own, so that what this machine happens to have cached cannot matter."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
 
 
 @pytest.fixture

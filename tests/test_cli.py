@@ -230,7 +230,7 @@ def test_every_third_party_import_is_a_declared_dependency():
     declared |= {re_name(d) for d in project["optional-dependencies"]["ray"]}
     # import name -> distribution name, where they differ
     aliases = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "open_clip": "open_clip_torch",
-               "imagehash": "imagehash", "skimage": "scikit-image"}
+               "skimage": "scikit-image"}
     imported = set()
     for path in list((root / "rareaug").rglob("*.py")) + list((root / "data_adapters").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import rareaug.fit as fit_module
 from rareaug.lora.bank import LoRABank
-from rareaug.lora.files import from_diffusers_state
+from rareaug.lora.files import from_diffusers_state, read_safetensors
 
 FAST = ("--base-model", "tiny", "--resolution", "64", "--steps", "6")
 
@@ -55,6 +55,8 @@ def test_fit_writes_loras_that_plain_diffusers_loads(invoke, folder_data, tmp_pa
         unet=copy.deepcopy(tiny["unet"]), scheduler=tiny["scheduler"], safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     path = loras / f"{train_ids[0]}.safetensors"
+    metadata = read_safetensors(path)[1]
+    assert metadata["base_model"] == "tiny" and metadata["base_model_revision"] == ""  # no hub revision: not a hub id
     pipe.load_lora_weights(path)
     bank_unet = copy.deepcopy(tiny["unet"])
     bank = LoRABank(bank_unet, n_a=1, rank=2, alpha=2.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import numpy as np
@@ -125,6 +126,8 @@ def test_generate_ratio_makes_images_and_manifest(invoke, run):
         assert image.mode == "L" and image.size == (64, 64)  # grayscale sources stay grayscale
         assert image.text["rareaug:synthetic"] == "true" and image.text["rareaug:variant"] == "loft-l0.5-g2-s3"
     assert (run / "stages" / "generate-loft-l0.5-g2-s3.yaml").exists()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["base_model_revision"] == "" and summary["base_model_hash"] == rows[0]["base_model_hash"]
 
 
 def test_pools_nest_and_extend(invoke, run, fitted, tmp_path):

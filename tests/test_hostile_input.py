@@ -165,15 +165,12 @@ def test_more_folds_than_rare_images_are_refused_by_inspect_before_the_split_is_
     assert invoke("inspect", "--data", data, "--rare", "crack", "--run", run, "--folds", "2")[0] == 0
 
 
-def test_missing_imagenet_weights_stop_the_sweep_before_any_pool_is_made(invoke, tmp_path):
-    from rareaug.sweep.classifiers import _cached_weight_files
-
-    if any(path.is_file() for path in _cached_weight_files("resnet18")):
-        pytest.skip("ImageNet weights for resnet18 are cached on this machine")
+def test_missing_imagenet_weights_stop_the_sweep_before_any_pool_is_made(invoke, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-cache"))  # offline (conftest): nothing downloads
     data, run = small_data(tmp_path / "data"), tmp_path / "run"
     assert invoke("inspect", "--data", data, "--rare", "crack", "--run", run)[0] == 0
     err = one_line(invoke, "sweep-ratio", "--run", run, "--model", "resnet18")
-    assert "ImageNet weights not found" in err and "--no-pretrained" in err
+    assert "resnet18 ImageNet weights: not at" in err and "--no-pretrained" in err
     assert not (run / "synthetic").exists() and not (run / "loras").exists()
 
 

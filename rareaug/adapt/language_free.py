@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..downloads import cached_hub_file, from_hub, is_hub_id
 from ..errors import RareaugError, one_line
 
 TEMPERATURE = 0.07  # CLIP's contrastive temperature
@@ -107,12 +108,12 @@ def text_features(clip, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def image_features(clip, images: torch.Tensor, clip_folder: str | None) -> torch.Tensor:
-    """Normalised CLIP image features of images in [-1, 1]. A CLIP folder with a preprocessor config is fed as
-    its CLIPImageProcessor says; mini's and the tiny CLIP read [-1, 1] pixels at their own size."""
+    """Normalised CLIP image features of images in [-1, 1]. A CLIP (folder or hub id) with a preprocessor config
+    is fed as its CLIPImageProcessor says; mini's and the tiny CLIP read [-1, 1] pixels at their own size."""
     size = clip.config.vision_config.image_size
-    processor_file = Path(clip_folder or "") / "preprocessor_config.json"
+    processor_file = _processor_file(clip_folder)
     normalise = None
-    if clip_folder and processor_file.is_file():
+    if processor_file is not None:
         config = json.loads(processor_file.read_text())
         normalise = (torch.tensor(config["image_mean"]).view(1, 3, 1, 1),
                      torch.tensor(config["image_std"]).view(1, 3, 1, 1))
@@ -130,6 +131,17 @@ def image_features(clip, images: torch.Tensor, clip_folder: str | None) -> torch
             pooled = clip.vision_model(pixel_values=chunk.to(device, clip.dtype)).pooler_output
             features.append(F.normalize(clip.visual_projection(pooled).float(), dim=-1).cpu())
     return torch.cat(features)
+
+
+def _processor_file(clip_spec: str | None) -> Path | None:
+    """The CLIP's preprocessor_config.json: in its folder, or in the hub cache for a hub id."""
+    if not clip_spec:
+        return None
+    local = Path(clip_spec).expanduser() / "preprocessor_config.json"
+    if local.is_file():
+        return local
+    cached = cached_hub_file(clip_spec, "preprocessor_config.json") if is_hub_id(clip_spec) else None
+    return Path(cached) if cached else None
 
 
 def candidate_words(tokenizer, texts: list[str], vocabulary: bool = True) -> list[str]:
@@ -172,16 +184,32 @@ def load_clip(spec: str | None, base_spec: str, text_encoder):
         _copy_text_tower(clip, text_encoder)
     elif spec is None:
         raise RareaugError("--conditioning language-free needs --clip-model PATH: the CLIP whose text tower the base "
-                           "model reads (SD 1.x: OpenAI ViT-L/14, SD 2.x: OpenCLIP ViT-H/14), as a local folder")
-    else:
+                           "model reads (SD 1.x: OpenAI ViT-L/14, SD 2.x: OpenCLIP ViT-H/14), as a local folder or a "
+                           "hub id")
+    elif Path(spec).expanduser().is_dir():
         try:
-            clip = CLIPModel.from_pretrained(spec, local_files_only=True)
+            clip = CLIPModel.from_pretrained(str(Path(spec).expanduser()), local_files_only=True)
         except Exception as error:  # transformers raises many types; the user needs one line
             raise RareaugError(f"--clip-model {spec}: did not load as a CLIP folder ({one_line(error)}); give a "
                                "local folder with config.json and the weights") from error
+    elif is_hub_id(spec):
+        clip = from_hub(lambda local: _clip_from_hub(spec, local), spec, f"--clip-model {spec}",
+                        "give a local CLIP folder with config.json and the weights", probe="config.json")
+    else:
+        raise RareaugError(f"--clip-model {spec}: no such folder; give a local CLIP folder with config.json and the "
+                           "weights, or a hub id (owner/name)")
     clip = clip.float().eval().requires_grad_(False)
     check_same_text_tower(clip, text_encoder, spec or base_spec)
     return clip
+
+
+def _clip_from_hub(repo: str, local_files_only: bool):
+    """The CLIP and the preprocessor config `image_features` reads, both into (or from) the hub cache."""
+    from huggingface_hub import hf_hub_download
+    from transformers import CLIPModel
+
+    hf_hub_download(repo, "preprocessor_config.json", local_files_only=local_files_only)
+    return CLIPModel.from_pretrained(repo, local_files_only=local_files_only)
 
 
 def _copy_text_tower(clip, text_encoder) -> None:

@@ -155,7 +155,8 @@ def _write_meta(folder: Path, variant: str, config: Config, parts: list[_Part], 
         # a local model by its absolute path, so the run loads it from any working folder; its weights hash is
         # checked on every load
         "base_model": str(local.resolve()) if local.exists() else spec, "base_model_label": model_label(spec),
-        "base_model_hash": done["base_model_hash"], "tiny_test_model": spec == "tiny",
+        "base_model_hash": done["base_model_hash"], "base_model_revision": done.get("base_model_revision", ""),
+        "tiny_test_model": spec == "tiny",
         "folds": config.split.folds, "full_fine_tuning": config.adapt.rank == 0,
         "parts": [{"fold": part.fold, "labelled_images": sum(image.cls is not None for image in part.images),
                    "unlabeled_images": sum(image.cls is None for image in part.images)} for part in parts],
@@ -383,7 +384,7 @@ def _train_part(base, base_hash: str, part: _Part, latents: dict, config: Config
     tail = losses[-min(50, len(losses)):]
     atomic_write_json(out / DONE_FILE, {"steps": step, "final_loss": sum(tail) / len(tail), "images": len(part.images),
                                         "tokens": len(tokens), **part.counts, "base_model_hash": base_hash,
-                                        "finished": time.time()})
+                                        "base_model_revision": base.revision or "", "finished": time.time()})
     checkpoint.unlink(missing_ok=True)
 
 

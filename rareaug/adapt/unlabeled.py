@@ -1,7 +1,7 @@
 """`adapt --unlabeled DIR`: extra images of the domain, checked against the run's held-out images.
 
 An unlabeled image that (nearly) copies a validation or test image would leak it into the adapted model, so
-each is compared with them by the perceptual hash the split's leak check uses; a DICOM whose patient is in
+each is compared with them by the near-duplicate rule the split's leak check uses; a DICOM whose patient is in
 another split is refused too (the only case where the patient is known: the split stores keys only hashed).
 """
 from __future__ import annotations
@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from data_adapters import DecodeError, decode
-from data_adapters.dataset import perceptual_hash
 from data_adapters.decode import is_dicom_file, is_image_file
 from data_adapters.layouts.common import is_rareaug_folder, rareaug_folders
+from data_adapters.thumbnail import thumbnail
 
 from ..errors import RareaugError
-from ..split import LEAK_MAX_DISTANCE, SplitRow
+from ..near_duplicates import NearDuplicates
+from ..split import SplitRow
 
 
 @dataclasses.dataclass
 class UnlabeledImage:
     id: str  # u00001 ...: ids only ever leave this module
     path: Path
-    phash: str
+    thumb: np.ndarray  # 16-px grayscale, for the near-duplicate check
     patient: str | None  # sha256 of the DICOM PatientID, in memory only
 
 
@@ -54,7 +55,7 @@ def scan_unlabeled(folder: str, run: Path, frame: int = 0) -> tuple[list[Unlabel
         if decoded.synthetic:
             counts["synthetic"] += 1
             continue
-        image = UnlabeledImage(f"u{len(images) + 1:05d}", path, perceptual_hash(decoded), _patient(path))
+        image = UnlabeledImage(f"u{len(images) + 1:05d}", path, thumbnail(decoded), _patient(path))
         digest.update(hashlib.sha256(path.read_bytes()).digest())
         images.append(image)
     if not images:
@@ -64,28 +65,31 @@ def scan_unlabeled(folder: str, run: Path, frame: int = 0) -> tuple[list[Unlabel
     return images, counts
 
 
-def held_out_keys(rows: list[SplitRow]) -> dict[str, tuple[int | None, str | None]]:
-    """Each row's perceptual hash (None when it no longer decodes) and DICOM patient key, read once for every fold."""
+def held_out_keys(rows: list[SplitRow]) -> dict[str, tuple[np.ndarray | None, str | None]]:
+    """Each row's thumbnail (None when it no longer decodes) and DICOM patient key, read once for every fold."""
     keys = {}
     for row in rows:
         try:
-            phash = int(perceptual_hash(decode(row.abs_path)), 16)
+            thumb = thumbnail(decode(row.abs_path))
         except DecodeError:
-            phash = None
-        keys[row.id] = (phash, _patient(row.abs_path))
+            thumb = None
+        keys[row.id] = (thumb, _patient(row.abs_path))
     return keys
 
 
 def accepted(images: list[UnlabeledImage], held_out: list[SplitRow],
-             keys: dict[str, tuple[int | None, str | None]]) -> tuple[list[UnlabeledImage], dict[str, int]]:
-    """The images that copy no held-out image and share no held-out patient, and the counts of each refusal."""
-    hashes = np.array([keys[row.id][0] for row in held_out if keys[row.id][0] is not None], dtype=np.uint64)
+             keys: dict[str, tuple[np.ndarray | None, str | None]]) -> tuple[list[UnlabeledImage], dict[str, int]]:
+    """The images that copy no held-out image and share no held-out patient, and the counts of each refusal.
+    The near-duplicate rule is calibrated on the held-out and unlabeled images together."""
+    thumbs = [keys[row.id][0] for row in held_out if keys[row.id][0] is not None]
     patients = {keys[row.id][1] for row in held_out if keys[row.id][1]}
+    index = NearDuplicates(thumbs + [image.thumb for image in images])
+    copies = index.copied(np.arange(len(thumbs), index.size), np.arange(len(thumbs)))
     kept, near, same_patient = [], 0, 0
-    for image in images:
+    for image, copy in zip(images, copies):
         if image.patient and image.patient in patients:
             same_patient += 1
-        elif hashes.size and (np.bitwise_count(hashes ^ np.uint64(int(image.phash, 16))) <= LEAK_MAX_DISTANCE).any():
+        elif copy:
             near += 1
         else:
             kept.append(image)

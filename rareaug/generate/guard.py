@@ -1,9 +1,10 @@
 """Memorization guard: is a synthetic image a near-copy of one real training image?
 
-The distance is 1 - SSIM on a 64x64 grayscale copy (MONAI's SSIM; no downloaded weights), or LPIPS (AlexNet)
-when its weights are on this machine. Before the distance is taken, each synthetic image is aligned to each
-real one: shifts of up to `SHIFT_PIXELS` pixels at the images' own resolution are searched by normalised
-cross-correlation, so a copy moved by a pixel or two is still a copy.
+The distance is 1 - SSIM on a 64x64 grayscale copy (MONAI's SSIM; no downloaded weights), or LPIPS (AlexNet;
+its backbone is downloaded into torchvision's cache on first use unless the machine is offline). Before the
+distance is taken, each synthetic image is aligned to each real one: shifts of up to `SHIFT_PIXELS` pixels at the
+images' own resolution are searched by normalised cross-correlation, so a copy moved by a pixel or two is still a
+copy.
 
 Rules (`--guard-rule`):
 - `relative` (default), after Carlini et al. (2023, "Extracting training data from diffusion models"): an
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RareaugError
+from ..perceptual import load_lpips
 
 GUARD_SIZE = 64
 SHIFT_PIXELS = 2  # a copy shifted by up to this many pixels (at the images' resolution) is still a copy
@@ -68,7 +70,7 @@ class Guard:
             distance, rule, float(ratio), device, real_ids)
         self.leave_source_out = leave_source_out
         self.shift = math.ceil(SHIFT_PIXELS * GUARD_SIZE / max(reals.shape[-2:]))  # in guard pixels
-        self._lpips = _load_lpips(device) if distance == "lpips" else None
+        self._lpips = load_lpips(device, "use --guard-distance ssim") if distance == "lpips" else None
         self.reals = self._prepare(reals)
         self.threshold = None
         if rule == "absolute":
@@ -196,16 +198,3 @@ def _standardised(values: torch.Tensor, dim: int) -> torch.Tensor:
 def _three(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
-
-def _load_lpips(device: torch.device):
-    """LPIPS with AlexNet; its backbone weights come from the torchvision cache, never downloaded here."""
-    import os
-
-    import lpips
-    from torch.hub import get_dir
-
-    backbone = os.path.join(get_dir(), "checkpoints", "alexnet-owt-7be5be79.pth")
-    if not os.path.exists(backbone):
-        raise RareaugError(f"LPIPS needs the AlexNet weights at {backbone} (torchvision cache); copy them there "
-                           "or use --guard-distance ssim")
-    return lpips.LPIPS(net="alex", verbose=False).to(device).eval()

@@ -189,7 +189,8 @@ def generate(config: Config, given: set[str] = frozenset(), force: bool = False,
             "variant": variant, "method": gen.method, "asked": target, "kept": result.kept,
             "rejected_slots": result.rejected_slots, "rejected_attempts_this_run": rejected_attempts,
             "stopped_by_guard": stopped is not None, "stop_reason": stopped, "guard": gen.guard, **guard.record(),
-            "real_images": len(sources), "base_model": maker.base_name, "tiny_test_model": maker.is_tiny,
+            "real_images": len(sources), "base_model": maker.base_name, "base_model_revision": maker.base_revision,
+            "base_model_hash": maker.base_hash, "tiny_test_model": maker.is_tiny,
             **({"strength": gen.strength, "lora": gen.lora} if gen.method == "img2img" else {}),
             **({"normal_images": len(normals)} if normals else {}),
             "rareaug_version": __version__,
@@ -374,7 +375,7 @@ class _ImageMaker:
         # Defects carry the normal images' pixels too (a sample of them: each check decodes an image).
         self.grayscale = all(_is_gray(row) for row in sources + normals[:16])
         self.seed = config.seed
-        self.base_name, self.base_hash, self.is_tiny = "none", "", False
+        self.base_name, self.base_hash, self.base_revision, self.is_tiny = "none", "", "", False
         self.slot_of: dict[str, int] = {}
         # img2img: the real image each slot starts from, round-robin over this fold's rare train images.
         self.source_plan = plans.SingleAdapter(self.source_ids, config.seed)
@@ -393,7 +394,7 @@ class _ImageMaker:
         amp = sampling_dtype(device)
         base_spec = gen.base_model or config.fit.base_model
         base = load_base_model(base_spec, device=device, dtype=amp, run=run.path, fold=gen.fold)
-        self.base_name, self.is_tiny = model_label(base_spec), base.is_tiny
+        self.base_name, self.base_revision, self.is_tiny = model_label(base_spec), base.revision or "", base.is_tiny
         self.base_hash = base.weights_hash  # before LoRA layers are installed
         self.text_bank = None
         self.targets = tuple(config.fit.targets.split(","))  # the layers the LoRAs were fitted on

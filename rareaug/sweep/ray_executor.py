@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 from ..config import Config
+from ..downloads import offline
 from ..errors import RareaugError, one_line
 from ..run_dir import RunDir
 
@@ -36,7 +37,9 @@ def run_cells_on_ray(plans: list, finished: Callable) -> None:
     if started_here:
         try:
             # None starts a local instance with this machine's CPUs and GPUs; "auto" / host:port join a cluster.
-            ray.init(address=sw.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # Offline here (--offline) means offline on the cluster's workers too.
+            ray.init(address=sw.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}} if offline() else None)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise RareaugError(f"--ray-address {sw.ray_address}: no Ray cluster there "
                                f"({one_line(error, 160)}); start one with `ray start --head`, or leave "

@@ -37,7 +37,7 @@ from . import metrics as M
 from .classifiers import create_classifier, list_classifiers
 from .curves import cell_predictions, read_predictions
 from .data import CellData, Example, ImageCache, cell_data
-from .diversity import diversity
+from .diversity import Measure, diversity, diversity_measure
 from .group import train_group
 from .train import class_weights, positive_weight, scores
 
@@ -84,6 +84,7 @@ class SweepPlan:
     todo: list  # (cell, config hash, make_data) for the cells without a valid done marker
     failed: list[str] = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)  # cell name -> why it did not run (a stopped pool)
+    weights: dict = dataclasses.field(default_factory=dict)  # model -> where its weights came from
 
 
 @timed_stage(lambda config: "sweep-ratio")
@@ -116,24 +117,28 @@ def sweep_classes(configs: list[Config], make_pool: PoolMaker, given: set[str] =
     return summaries
 
 
-def _checked_grid(sw) -> tuple[list[float], list[str], list[str]]:
-    """The grid's ratios, methods and models, each checked (classifier weights too) before anything runs."""
+def _checked_grid(sw) -> tuple[list[float], list[str], list[str], dict[str, str]]:
+    """The grid's ratios, methods and models, each checked (classifier weights too) before anything runs, and
+    where each model's weights come from (`Classifier.source`; not known when a Ray cluster's workers load them)."""
     ratios = parse_ratios(sw.ratios)
     methods = [m.strip() for m in sw.methods.split(",") if m.strip()]
     models = [m.strip() for m in sw.models.split(",") if m.strip()]
     for method in methods:
         if method not in GENERATE_METHODS:
             raise RareaugError(f"--methods {method!r} is unknown; choose from {', '.join(GENERATE_METHODS)}")
-    known = list_classifiers()
+    known, sources = list_classifiers(), {}
     for model in models:
         if model.removeprefix("tiny-") not in known:
             raise RareaugError(f"--model {model!r} is unknown; choose from {', '.join(known)} (tiny-<name> for tests)")
         # Fail fast: missing ImageNet or CLIP weights stop the sweep here, not after every pool is generated
         # (on a Ray cluster the workers' caches count, not this machine's).
-        if not (sw.executor == "ray" and sw.ray_address):
-            create_classifier(model.removeprefix("tiny-"), pretrained=sw.pretrained, weights_path=sw.weights,
-                              tiny=model.startswith("tiny-"), clip_model=sw.clip_model)
-    return ratios, methods, models
+        tiny = model.startswith("tiny-")
+        if sw.executor == "ray" and sw.ray_address and sw.pretrained and sw.weights is None and not tiny:
+            sources[model] = "the Ray workers' caches"
+        else:
+            sources[model] = create_classifier(model.removeprefix("tiny-"), pretrained=sw.pretrained,
+                                               weights_path=sw.weights, tiny=tiny, clip_model=sw.clip_model).source
+    return ratios, methods, models, sources
 
 
 def _grid_cells(sw, ratios: list[float], methods: list[str], models: list[str], folds: int) -> list[Cell]:
@@ -151,7 +156,7 @@ def _grid_cells(sw, ratios: list[float], methods: list[str], models: list[str], 
 def plan_sweep(config: Config, given: set[str], console: Console, make_pool: PoolMaker) -> SweepPlan:
     sw = config.sweep
     # 1. Check the grid before anything runs.
-    ratios, methods, models = _checked_grid(sw)
+    ratios, methods, models, sources = _checked_grid(sw)
     rows, config, _ = frozen_split(config, given)
     run, folds = RunDir(config.run_dir()), config.split.folds
     check_rare_validation(rows, folds, str(run.split_csv))  # before any pool is made; old splits were not checked
@@ -188,7 +193,8 @@ def plan_sweep(config: Config, given: set[str], console: Console, make_pool: Poo
     if skipped:
         console.print(f"[yellow]sweep-ratio: {len(skipped)} cell(s) skipped, their pools stopped short by the "
                       "memorization guard (see summary.md); the other cells go on[/]", highlight=False, soft_wrap=True)
-    return SweepPlan(config, rows, pools, run, len(cells) - len(skipped), results, todo, skipped=skipped)
+    return SweepPlan(config, rows, pools, run, len(cells) - len(skipped), results, todo, skipped=skipped,
+                     weights=sources)
 
 
 def execute(plans: list[SweepPlan], console: Console) -> None:
@@ -244,10 +250,15 @@ def _groups(todo: list, size: int) -> list[list]:
 def finish_sweep(plan: SweepPlan, console: Console, raise_failed: bool = True) -> dict:
     """Diversity per synthetic set, metrics.csv, the recommendation."""
     config, run, results, failed = plan.config, plan.run, plan.results, plan.failed
-    _add_diversity(results, plan.pools, plan.rows, config)
+    measure = _add_diversity(results, plan.pools, plan.rows, config)
+    if measure is not None and measure.fallback_reason:
+        console.print(f"[yellow]sweep-ratio: diversity fell back to 1-MS-SSIM (LPIPS not available: "
+                      f"{escape(measure.fallback_reason)})[/]", highlight=False, soft_wrap=True)
     _write_metrics(run.sweep_metrics, results)
     summary = summarise(results, run, config, failed, {row.id: row.group for row in plan.rows if row.group})
     summary["skipped_cells"] = plan.skipped
+    summary["diversity_metric"] = measure.metric if measure is not None else None
+    summary["classifier_weights"] = plan.weights
     atomic_write_json(run.sweep_summary_json, _strict_json(summary))
     atomic_write_text(run.sweep_summary_md, summary_markdown(summary))
     console.print(f"sweep-ratio: {len(results)} cell(s) in {run.sweep_metrics}; summary in {run.sweep_summary_md}")
@@ -395,10 +406,11 @@ def _write_predictions(path: Path, data: CellData, outcome, pool_scores: list[fl
                for split, examples, values in parts for example, score in zip(examples, values)))
 
 
-def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Config) -> None:
-    """One figure per (method, ratio, fold) synthetic set, shared by its cells."""
+def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Config) -> Measure | None:
+    """One figure per (method, ratio, fold) synthetic set, shared by its cells. Returns the measure used (None
+    when no synthetic set was measured)."""
     cache: dict = {}
-    reals = None
+    reals, measure = None, None
     for row in results:
         if row["method"] == BASELINE:
             row.update(diversity=float("nan"), diversity_metric="", intra_cluster=float("nan"))
@@ -411,9 +423,12 @@ def _add_diversity(results: list[dict], pools, rows: list[SplitRow], config: Con
                 reals = torch.stack([model_input(r.abs_path, 64, "center") / 2 + 0.5 for r in seen_rows(rows)
                                      if r.rare])
             stacked = torch.stack([model_input(e.path, 64, "center") / 2 + 0.5 for e in images]) if images else None
-            cache[key] = diversity(stacked, reals) if stacked is not None else {
+            if stacked is not None and len(stacked) > 1 and measure is None:
+                measure = diversity_measure()  # once: LPIPS loads (or is found missing) once per sweep
+            cache[key] = diversity(stacked, reals, measure=measure) if stacked is not None else {
                 "diversity": float("nan"), "diversity_metric": "", "intra_cluster": float("nan")}
         row.update(cache[key])
+    return measure
 
 
 def _write_metrics(path: Path, results: list[dict]) -> None:
@@ -498,9 +513,11 @@ def _ratio_summary(cells: list[dict], run: RunDir, sw) -> dict:
             rows = cell_predictions(run, cell["cell"], "test")
             test_f1_pooled_threshold.append(M.binary_metrics([int(r["label"]) for r in rows],
                                                              [float(r["score"]) for r in rows], threshold)["f1"])
+    diversity = [value for c in cells if math.isfinite(value := float(c.get("diversity") or "nan"))]
     entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"],
              "threshold_pooled_val": float(np.mean(thresholds)),
-             "test_f1_at_pooled_threshold_mean": float(np.mean(test_f1_pooled_threshold))}
+             "test_f1_at_pooled_threshold_mean": float(np.mean(test_f1_pooled_threshold)),
+             "diversity": float(np.mean(diversity)) if diversity else None}
     for key in ("f1", "recall", "precision", "pr_auc", "auroc", "sens_at_95spec"):
         mean, sd = M.mean_sd([c[key] for c in cells])
         entry[f"test_{key}_mean"], entry[f"test_{key}_sd"] = mean, sd
@@ -583,22 +600,36 @@ def _strict_json(value):
     return value
 
 
+DIVERSITY_NAMES = {"lpips_alex": "mean pairwise LPIPS (AlexNet) between the synthetic images",
+                   "1-ms_ssim": "mean pairwise 1 - MS-SSIM between the synthetic images (the fallback: LPIPS's "
+                                "AlexNet weights were neither cached nor downloadable when the sweep ran)"}
+
+
 def summary_markdown(summary: dict) -> str:
     lines = ["# Ratio sweep", "", summary["decision_rule"], ""]
+    metric = summary.get("diversity_metric")
+    if metric:
+        lines += [f"Diversity (`{metric}`): {DIVERSITY_NAMES.get(metric, metric)}; higher = more varied.", ""]
+    if summary.get("classifier_weights"):
+        lines += ["Classifier weights: " + ", ".join(f"{model} from {source}" for model, source
+                                                     in summary["classifier_weights"].items()) + ".", ""]
     if summary["failed_cells"]:
         lines += [f"**Failed cells** (rerun to retry): {', '.join(summary['failed_cells'])}", ""]
     for reason in sorted(set(summary.get("skipped_cells", {}).values())):
         names = [name for name, why in summary["skipped_cells"].items() if why == reason]
         lines += [f"**Skipped cells** ({reason}): {', '.join(names)}", ""]
+    by = f" ({metric})" if metric else ""
     for model, methods in summary["models"].items():
         for method, entry in methods.items():
             lines += [f"## {model} · {method}", "",
-                      "| ratio | synthetic | val F1 | test F1 | test recall | test PR-AUC |",
-                      "| --- | --- | --- | --- | --- | --- |"]
+                      f"| ratio | synthetic | val F1 | test F1 | test recall | test PR-AUC | diversity{by} |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
             for ratio, r in entry["ratios"].items():
                 mark = " **←**" if float(ratio) == entry["recommended_ratio"] else ""
+                spread = f"{r['diversity']:.3f}" if r.get("diversity") is not None else "—"
                 lines.append(f"| {ratio}×{mark} | {r['n_synth']} | {r['val_f1']:.3f} | {r['test_f1_mean']:.3f} ± "
-                             f"{r['test_f1_sd']:.3f} | {r['test_recall_mean']:.3f} | {r['test_pr_auc_mean']:.3f} |")
+                             f"{r['test_f1_sd']:.3f} | {r['test_recall_mean']:.3f} | {r['test_pr_auc_mean']:.3f} | "
+                             f"{spread} |")
             gain = entry.get("gain_over_ratio_0")
             lines.append("")
             if entry["recommended_ratio"] == 0:
