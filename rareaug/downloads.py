@@ -118,11 +118,11 @@ def torch_hub_file(url: str, what: str, alternatives: str = "") -> Path:
     if offline():
         raise RareaugError(f"{what}: not at {path} (torchvision cache) and nothing is downloaded ({OFFLINE_HOW}); "
                            f"download {url} to that path on a connected machine{other}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(path.name)  # torchvision names carry the sha256 prefix, as torch.hub checks
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a read-only TORCH_HOME is one line too
         torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
-    except Exception as error:  # URLError, a hash mismatch, a full disk
+    except Exception as error:  # URLError, a hash mismatch, a full disk, a read-only cache
         raise RareaugError(f"{what}: could not download {url} ({one_line(error)}); put that file at {path} "
                            f"(downloaded on a connected machine){other}") from error
     return path

@@ -104,9 +104,13 @@ def leak_warning(leaks: list[dict], rule: dict) -> str:
     """One line for every near-duplicate pair across splits: the count and the closest pairs; data.json lists all."""
     shown = "; ".join(f"{leak['a']} ({leak['a_split']}) ~ {leak['b']} ({leak['b_split']}) at {leak['distance']:.4f}"
                       for leak in leaks[:SHOWN_LEAKS])
-    more = f" and {len(leaks) - SHOWN_LEAKS} more" if len(leaks) > SHOWN_LEAKS else ""
-    return (f"possible leakage: {len(leaks)} near-duplicate pair(s) across splits (thumbnails closer than "
-            f"{rule['threshold']:.4f}, the data's typical pair is at {rule['typical_second_nearest'] or 0:.4f}): "
+    count = rule.get("pairs", len(leaks))
+    more = f" and {count - SHOWN_LEAKS} more" if count > SHOWN_LEAKS else ""
+    typical = rule["typical_second_nearest"]
+    scale = (f"the data's typical pair is at {typical:.4f}" if typical is not None
+             else "too few images to calibrate on")
+    return (f"possible leakage: {count} near-duplicate pair(s) across splits (thumbnails closer than "
+            f"{rule['threshold']:.4f}, {scale}): "
             f"{shown}{more}; every pair is listed under leaks (the run's data.json, or --json). Where two are the "
             "same picture, keep one of them in the data")
 

@@ -4,7 +4,9 @@
 Two images are near-duplicates when their 16-px thumbnails, with brightness and contrast normalised
 (1 - correlation), are far closer than the data's own typical pair: `CLOSER_THAN_TYPICAL` x the median distance
 from an image to its second-nearest neighbour (the second, so that the copies being looked for do not pull the
-yardstick down), clipped to [`PIXEL_FLOOR`, `PIXEL_CEILING`]. Flat thumbnails (blank images) carry nothing to
+yardstick down), clipped to [`PIXEL_FLOOR`, `PIXEL_CEILING`] and never above `AT_MOST_OF_TYPICAL` x that median:
+data whose images are all nearly alike (aligned objects of one product) gets a threshold far under its typical
+pair, not a floor that flags every pair. Flat thumbnails (blank images) carry nothing to
 leak and never match.
 
 No perceptual hash: measured (`bench/near_duplicates.py`, results in bench/results/near_duplicates.json), a
@@ -29,10 +31,12 @@ if TYPE_CHECKING:
 
 CLOSER_THAN_TYPICAL = 0.06
 PIXEL_FLOOR, PIXEL_CEILING = 0.0005, 0.015
+AT_MOST_OF_TYPICAL = 0.25
 FLAT_NORM = 16.0  # a thumbnail whose centred pixels have a norm under this (std < 1 grey level) is flat
 CALIBRATION_PROBES = 1000
 CHUNK = 256  # rows compared at once: 256 x 100k distances are 100 MB
 FULL_CHECK_LIMIT = 20_000  # above this many images only the rare ones are compared with all
+MAX_LISTED = 10_000  # pairs data.json lists (the closest); `pairs` in the rule counts them all
 WHOLESALE_SHARE = 0.5  # more than this share of --test-data duplicating --data: a copy, not a test set
 
 
@@ -54,13 +58,14 @@ class NearDuplicates:
         self._flat = norms < FLAT_NORM
         self._units = np.where(self._flat[:, None], 0.0, centred / np.maximum(norms, 1e-6)[:, None]).astype(np.float32)
         self.typical = self._typical_distance(seed)
-        self.threshold = float(np.clip(CLOSER_THAN_TYPICAL * self.typical, PIXEL_FLOOR, PIXEL_CEILING)) \
-            if np.isfinite(self.typical) else PIXEL_FLOOR
+        self.threshold = float(min(np.clip(CLOSER_THAN_TYPICAL * self.typical, PIXEL_FLOOR, PIXEL_CEILING),
+                                   AT_MOST_OF_TYPICAL * self.typical)) if np.isfinite(self.typical) else PIXEL_FLOOR
 
     def describe(self) -> dict:
         """The rule as data.json records it."""
         return {"distance": "1 - correlation of 16-px grayscale thumbnails", "threshold": round(self.threshold, 5),
-                "typical_second_nearest": round(self.typical, 5) if np.isfinite(self.typical) else None}
+                "typical_second_nearest": round(self.typical, 5) if np.isfinite(self.typical) else None,
+                "blank_images": int(self._flat.sum())}
 
     def pairs(self, groups: Sequence, probes: Sequence[int] | None = None) -> list[Pair]:
         """Near-duplicate pairs whose two images are in different groups (splits), closest first.
@@ -93,7 +98,9 @@ class NearDuplicates:
 
     def distances(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """1 - correlation of the thumbnails (rows x cols); 1 where either is flat."""
-        distance = 1.0 - self._units[rows] @ self._units[cols].T
+        every = len(cols) == self.size and (self.size == 0 or (cols[0] == 0 and cols[-1] == self.size - 1))
+        others = self._units if every else self._units[cols]  # no copy of the whole matrix per chunk
+        distance = 1.0 - self._units[rows] @ others.T
         return np.where(self._flat[rows, None] | self._flat[None, cols], 1.0, distance)
 
     def _typical_distance(self, seed: int) -> float:
@@ -117,9 +124,10 @@ def find_leaks(rows: list[SplitRow], thumbs: dict[str, np.ndarray], seed: int = 
     rows = [row for row in rows if thumbs.get(row.id) is not None]
     index = NearDuplicates([thumbs[row.id] for row in rows], seed)
     probes = [i for i, row in enumerate(rows) if row.rare] if len(rows) > FULL_CHECK_LIMIT else None
+    pairs = index.pairs([row.split for row in rows], probes)
     leaks = [{"a": rows[p.a].id, "a_split": rows[p.a].split, "b": rows[p.b].id, "b_split": rows[p.b].split,
-              "distance": round(p.distance, 5)} for p in index.pairs([row.split for row in rows], probes)]
-    return leaks, index.describe()
+              "distance": round(p.distance, 5)} for p in pairs[:MAX_LISTED]]
+    return leaks, {**index.describe(), "pairs": len(pairs)}
 
 
 def duplicated_test_share(train: Sequence[np.ndarray | None], test: Sequence[np.ndarray | None],

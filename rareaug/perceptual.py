@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from .downloads import torch_hub_file
+from .errors import RareaugError, one_line
 
 
 def alexnet_url() -> str:
@@ -26,9 +27,13 @@ def load_lpips(device: torch.device | str = "cpu", alternatives: str = ""):
     Raises:
         RareaugError: the AlexNet weights are not cached and may not (offline) or could not be downloaded.
     """
-    torch_hub_file(alexnet_url(), "LPIPS's AlexNet backbone", alternatives)
+    path = torch_hub_file(alexnet_url(), "LPIPS's AlexNet backbone", alternatives)
     import lpips
 
     with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=True`, deprecated twice over each load
         warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*deprecated", category=UserWarning)
-        return lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+        try:
+            return lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+        except Exception as error:  # a truncated or corrupt cached file: one line naming it, as a missing one
+            raise RareaugError(f"LPIPS's AlexNet backbone: {path} did not load ({one_line(error)}); delete it to "
+                               f"download it again{', or ' + alternatives if alternatives else ''}") from error

@@ -98,8 +98,35 @@ def test_every_command_that_loads_a_model_takes_offline(invoke, command):
 
 
 # --- Stable Diffusion base models from the hub -------------------------------------------------------------------
+SD_UNET = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "cross_attention_dim": 1024}
+
+
 @pytest.fixture
-def fake_pipeline_download(monkeypatch):
+def fake_config_download(monkeypatch, tmp_path):
+    """huggingface_hub's snapshot_download, replaced: online it 'downloads' the two small configs of an SD 2.x
+    model (or of the UNet the test puts in `unet`); from the cache alone it finds nothing."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    state = {"calls": [], "unet": SD_UNET}
+
+    def snapshot_download(repo, **kwargs):
+        state["calls"].append((repo, kwargs))
+        if kwargs["local_files_only"]:
+            raise LocalEntryNotFoundError("not cached")
+        folder = tmp_path / "configs" / repo.replace("/", "--")
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                             "unet": ["diffusers", "UNet2DConditionModel"]}))
+        (folder / "unet" / "config.json").write_text(json.dumps(state["unet"]))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return state
+
+
+@pytest.fixture
+def fake_pipeline_download(monkeypatch, fake_config_download):
     """diffusers' from_pretrained, replaced: with local_files_only=False it 'downloads' (model_index.json into the
     cache, at REVISION) and returns the tiny model's pipeline; from the cache alone it finds nothing."""
     from diffusers import StableDiffusionPipeline
@@ -143,7 +170,18 @@ def test_offline_a_hub_model_not_cached_is_never_downloaded(caches, fake_pipelin
     assert "hf download someone/new-model" in message and "--base-model" in message and "offline" in message
 
 
-def test_a_failed_download_is_one_line_with_the_fixes(online, monkeypatch):
+def test_online_a_hub_model_that_is_not_sd_is_refused_before_its_weights_download(online, fake_pipeline_download,
+                                                                                 fake_config_download):
+    from rareaug.models import load_base_model
+
+    fake_config_download["unet"] = {**SD_UNET, "cross_attention_dim": 2048, "addition_embed_type": "text_time"}
+    message = _one_line(load_base_model, "someone/sdxl-model")
+    assert "SDXL" in message and not fake_pipeline_download  # only the two small configs were fetched
+    repo, kwargs = fake_config_download["calls"][-1]
+    assert repo == "someone/sdxl-model" and kwargs["allow_patterns"] == ["model_index.json", "unet/config.json"]
+
+
+def test_a_failed_download_is_one_line_with_the_fixes(online, monkeypatch, fake_config_download):
     from diffusers import StableDiffusionPipeline
 
     from rareaug.models import load_base_model
@@ -164,7 +202,8 @@ def test_cli_offline_flag_forbids_the_download(online, fake_pipeline_download, i
     assert "hf download someone/new-model" in err and not fake_pipeline_download
 
 
-def test_cli_failed_download_is_exit_2_in_one_line(online, monkeypatch, invoke, folder_data, tmp_path):
+def test_cli_failed_download_is_exit_2_in_one_line(online, monkeypatch, invoke, folder_data, tmp_path,
+                                                   fake_config_download):
     from diffusers import StableDiffusionPipeline
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", _failing([], ConnectionError("no route")))

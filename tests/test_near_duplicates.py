@@ -81,3 +81,13 @@ def test_the_rule_ignores_blank_images_and_pairs_within_a_group():
     # comparing only some images with all (very large data sets) finds the same pairs among them
     assert [(p.a, p.b) for p in index.pairs(groups, probes=[20])] == [(20, 3)]
     assert index.copied([20, 21], list(range(20))).tolist() == [True, False]
+
+
+def test_nearly_alike_data_gets_a_threshold_under_its_typical_pair():
+    from data_adapters.thumbnail import thumbnail_of
+
+    rng = np.random.default_rng(1)
+    scene = np.kron(rng.random((8, 8)), np.ones((8, 8)))  # one aligned object, photographed 60 times with noise
+    alike = [thumbnail_of(np.clip(scene + 0.01 * rng.standard_normal(scene.shape), 0, 1)) for _ in range(60)]
+    index = NearDuplicates(alike)
+    assert index.threshold < index.typical and index.pairs(rng.integers(0, 3, 60)) == []

@@ -207,9 +207,22 @@ def _load_hub(spec: str) -> dict:
         kwargs = _PIPELINE_KWARGS | {"local_files_only": local_files_only}
         return StableDiffusionPipeline.from_pretrained(spec, **kwargs)
 
-    pipe = from_hub(load, spec, f"base model '{spec}'", "pass --base-model /path/to/diffusers-folder or a .safetensors "
-                    "file, or --base-model tiny for a smoke test", probe="model_index.json")
+    what, alternatives = (f"base model '{spec}'", "pass --base-model /path/to/diffusers-folder or a .safetensors "
+                          "file, or --base-model tiny for a smoke test")
+    _check_hub_configs(spec, what, alternatives)
+    pipe = from_hub(load, spec, what, alternatives, probe="model_index.json")
     return _pipeline_components(pipe)
+
+
+def _check_hub_configs(spec: str, what: str, alternatives: str) -> None:
+    """Before gigabytes download, the two small configs that say whether it is an SD 1.x/2.x model at all (an SDXL,
+    SD3 or Flux id is refused as a local folder of them would be)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "unet/config.json"]
+    folder = from_hub(lambda local: snapshot_download(spec, allow_patterns=patterns, local_files_only=local),
+                      spec, what, alternatives, probe="model_index.json")
+    _check_diffusers_folder(Path(folder))
 
 
 def _load_single_file(spec: str) -> dict:

@@ -513,7 +513,8 @@ def _ratio_summary(cells: list[dict], run: RunDir, sw) -> dict:
             rows = cell_predictions(run, cell["cell"], "test")
             test_f1_pooled_threshold.append(M.binary_metrics([int(r["label"]) for r in rows],
                                                              [float(r["score"]) for r in rows], threshold)["f1"])
-    diversity = [value for c in cells if math.isfinite(value := float(c.get("diversity") or "nan"))]
+    diversity = [value for c in cells if c.get("diversity") not in (None, "")
+                 and math.isfinite(value := float(c["diversity"]))]
     entry = {"val_f1": float(np.mean(val_f1)), "n_cells": len(cells), "n_synth": cells[0]["n_synth"],
              "threshold_pooled_val": float(np.mean(thresholds)),
              "test_f1_at_pooled_threshold_mean": float(np.mean(test_f1_pooled_threshold)),
