@@ -161,7 +161,7 @@ def evaluate(name: str, images: list[Image.Image]) -> dict:
 
 
 def _nearest(index: NearDuplicates, i: int) -> float:
-    distance = index.distances(np.array([i]), np.arange(index.size))[0]
+    distance = index.distances(np.array([i]))[0]
     distance[i] = np.inf
     return float(distance.min())
 

@@ -106,12 +106,19 @@ def from_hub(load: Callable[[bool], T], repo: str, what: str, alternatives: str,
 
 
 # ------------------------------------------------------------------------------------------ torch hub
+def torch_hub_path(url: str) -> Path:
+    """Where torchvision's weights enums keep `url`'s file: `torch.hub.get_dir()/checkpoints/<its name>`."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
 def torch_hub_file(url: str, what: str, alternatives: str = "") -> Path:
     """The path of `url`'s file in torchvision's cache (`torch.hub.get_dir()/checkpoints`, as its weights
     enums use), downloaded there first when missing and allowed, with torch.hub's progress bar and hash check."""
     import torch.hub
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    path = torch_hub_path(url)
     if path.is_file():
         return path
     other = f", or {alternatives}" if alternatives else ""

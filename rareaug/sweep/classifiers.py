@@ -19,12 +19,11 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from ..downloads import from_hub, hub_revision, is_hub_id, torch_hub_file
+from ..downloads import from_hub, hub_revision, is_hub_id, torch_hub_file, torch_hub_path
 from ..errors import RareaugError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,8 +163,7 @@ def _cached_weight_files(arch: str) -> list[Path]:
     """The files torchvision would download for `arch`, DEFAULT first, inside its cache (cached or not)."""
     enum = _weights_enum(arch)
     ordered = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    return [folder / os.path.basename(urlparse(w.url).path) for w in ordered]
+    return [torch_hub_path(w.url) for w in ordered]
 
 
 def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
